@@ -1,0 +1,9 @@
+"""cxr-edge: edge-deployable chest X-ray classification. Not for diagnostic use."""
+from .classifier import DISCLAIMER, Classifier, Result, load
+from .decode import DecodeError
+from .package import ModelPackage, PackageError
+from .preprocess import PreprocessSpec, preprocess
+
+__version__ = "0.1.0"
+__all__ = ["load", "Classifier", "Result", "ModelPackage", "PackageError", "PreprocessSpec", "preprocess",
+           "DecodeError", "DISCLAIMER", "__version__"]

@@ -1,0 +1,210 @@
+"""Classifier: decode -> preprocess -> backend -> softmax -> results, pipelined.
+
+Decode/preprocess of the next batch runs in a thread pool while the backend works on the current
+one (Pillow, pydicom and numpy release the GIL for most of it); OpenVINO batches go through
+asynchronous infer requests. A bad input becomes an error result and never stops the batch.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .backends import load_best
+from .decode import DecodeError, decode
+from .package import ModelPackage
+from .preprocess import preprocess
+
+DISCLAIMER = "Research software, not a medical device: not for diagnostic use."
+
+
+@dataclass
+class Result:
+    source: str
+    label: str | None = None
+    probabilities: dict = field(default_factory=dict)
+    error: str | None = None
+    backend: str = ""
+    precision: str = ""
+    cam: np.ndarray | None = None      # heatmap at the image's original size, when asked for
+    original_size: tuple | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "error"
+
+    @property
+    def probability(self) -> float | None:
+        return self.probabilities.get(self.label) if self.label else None
+
+    def to_dict(self) -> dict:
+        return {"path": self.source, "status": self.status, "label": self.label,
+                "probabilities": self.probabilities, "backend": self.backend, "precision": self.precision,
+                "error": self.error}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _describe(item) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return f"<{type(item).__name__}>"
+
+
+class Classifier:
+    def __init__(self, package: ModelPackage, backend="auto", precision="auto", batch_size: int = 8,
+                 threads: int | None = None, decode_workers: int | None = None, options: dict | None = None):
+        self.package = package
+        self.classes = list(package.classes)
+        self.spec = package.preprocess
+        self.batch_size = max(1, int(batch_size))
+        self.backend, self.why = load_best(package, backend, precision, threads, options)
+        self.decode_workers = decode_workers or max(2, min(4, os.cpu_count() or 2))
+        self._cam = None
+        self._cam_lock = threading.Lock()
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
+
+    # -- single steps, shared by every path --------------------------------------------------
+    def _prepare(self, item):
+        """(tensor, Decoded) or (None, error message): never raises for a bad input."""
+        try:
+            d = decode(item, min_side=self.spec.decode_hint())
+            return preprocess(d.pixels, self.spec), d
+        except DecodeError as e:
+            return None, str(e)
+        except MemoryError:
+            return None, f"{_describe(item)}: out of memory while decoding"
+        except Exception as e:  # a decoder bug on one file must not cost the others their results
+            return None, f"{_describe(item)}: {type(e).__name__}: {e}"
+
+    def _finish(self, items, prepared, out, explain: bool) -> list[Result]:
+        results, k = [], 0
+        probs = softmax(out["logits"]) if out is not None else None
+        for item, (tensor, d) in zip(items, prepared):
+            if tensor is None:
+                results.append(Result(_describe(item), error=d, backend=self.backend.name, precision=self.precision))
+                continue
+            p = probs[k]
+            r = Result(_describe(item),
+                       label=self.classes[int(p.argmax())],
+                       probabilities={c: float(v) for c, v in zip(self.classes, p)},
+                       backend=self.backend.name, precision=self.precision, original_size=d.original_size)
+            if explain:
+                r.cam = self.cam_engine().heatmap(out, k, int(p.argmax()), d.original_size)
+            results.append(r)
+            k += 1
+        return results
+
+    def cam_engine(self):
+        with self._cam_lock:
+            if self._cam is None:
+                from .explain import CamEngine
+                self._cam = CamEngine(self.package, self.backend)
+            return self._cam
+
+    # -- public API ------------------------------------------------------------------------------
+    def predict(self, inputs, explain: bool = False) -> list[Result]:
+        """A list of inputs (paths, bytes, PIL images, arrays) -> one Result each, in order."""
+        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or not isinstance(inputs, Iterable):
+            inputs = [inputs]
+        return list(self.stream(inputs, explain=explain))
+
+    def predict_one(self, item, explain: bool = False) -> Result:
+        return self.predict([item], explain=explain)[0]
+
+    def stream(self, inputs: Iterable, explain: bool = False) -> Iterator[Result]:
+        """Results in input order as batches complete; memory stays bounded for any input length."""
+        features = explain and self.backend.name != "torch"
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="cxr-decode") as pool:
+            prep_q: deque = deque()          # (item, future) in input order, bounded lookahead
+            infer_q: deque = deque()         # (items, prepared, handle) submitted to the backend
+            it = iter(inputs)
+            lookahead = self.batch_size * 3
+            exhausted = False
+
+            def fill():
+                nonlocal exhausted
+                while not exhausted and len(prep_q) < lookahead:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        return
+                    prep_q.append((item, pool.submit(self._prepare, item)))
+
+            fill()
+            while prep_q or infer_q:
+                if prep_q:
+                    items, prepared = [], []
+                    while prep_q and len(items) < self.batch_size:
+                        item, fut = prep_q.popleft()
+                        items.append(item)
+                        prepared.append(fut.result())
+                        fill()
+                    tensors = [t for t, _ in prepared if t is not None]
+                    handle = None
+                    if tensors:
+                        batch = np.stack(tensors)
+                        handle = self._submit(batch, explain)
+                    infer_q.append((items, prepared, handle))
+                # keep one batch in flight while the next is decoded; drain at the end
+                while infer_q and (len(infer_q) > 1 or not prep_q):
+                    items, prepared, handle = infer_q.popleft()
+                    try:
+                        out = handle.result() if handle is not None else None
+                    except Exception as e:
+                        msg = f"inference failed on {self.backend.describe()}: {e}"
+                        yield from (Result(_describe(i), error=f"{_describe(i)}: {msg}", backend=self.backend.name,
+                                           precision=self.precision) for i in items)
+                        continue
+                    yield from self._finish(items, prepared, out, explain)
+
+    def _submit(self, batch, explain):
+        if explain and self.backend.name == "torch":
+            return _Immediate(lambda: self.cam_engine().torch_outputs(batch))
+        return self.backend.infer_async(batch, features=explain)
+
+    def close(self):
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Immediate:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def result(self):
+        return self.fn()
+
+
+def load(model=None, backend: str = "auto", precision: str = "auto", batch_size: int = 8,
+         threads: int | None = None, options: dict | None = None) -> Classifier:
+    """Open a model package (None: the embedded default model) on the fastest usable backend."""
+    pkg = model if isinstance(model, ModelPackage) else ModelPackage.read(model)
+    return Classifier(pkg, backend, precision, batch_size, threads, options=options)

@@ -1,0 +1,108 @@
+"""The one preprocessing function: (decoded grayscale image, spec) -> model input tensor.
+
+Training, export calibration, the runtime, bench and the native SDK's test vectors all go
+through `preprocess`. A model package carries its spec, so no caller chooses a normalisation.
+
+Resampling is Pillow's antialiased bilinear on float32 ('F' mode) images: a well-defined
+separable triangle filter whose support grows with the downscale factor, which the C++ SDK
+re-implements (double-precision weights and sums, float32 storage) to match within ~1e-6.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+RESIZE_POLICIES = ("stretch", "shorter_side_crop")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    size: int = 224                       # model input is size x size
+    resize: str = "stretch"               # "stretch": whole image to size x size, aspect not kept
+                                          # "shorter_side_crop": shorter side to resize_size, centre crop
+    resize_size: int | None = None        # for shorter_side_crop (e.g. 256 -> crop 224)
+    interpolation: str = "bilinear"
+    channels: int = 3                     # 1, or 3 (grayscale replicated: pseudo-RGB)
+    mean: tuple = (0.485, 0.456, 0.406)   # per channel, on the 0..1 scale
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize policy {self.resize!r} unknown; expected one of {RESIZE_POLICIES}")
+        if self.interpolation != "bilinear":
+            raise ValueError(f"interpolation {self.interpolation!r} unsupported; only 'bilinear'")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean/std need {self.channels} values each, got {self.mean} / {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.resize == "shorter_side_crop" and (self.resize_size or 0) < self.size:
+            raise ValueError("shorter_side_crop needs resize_size >= size")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}")
+        return cls(**d)
+
+    def decode_hint(self) -> int:
+        """Smallest side the decoder must deliver for this spec (JPEG draft mode may shrink to it)."""
+        return self.resize_size if self.resize == "shorter_side_crop" else self.size
+
+
+def resize_box(height: int, width: int, spec: PreprocessSpec) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """Output size (w, h) and the source box Pillow resamples from, for one image."""
+    if spec.resize == "stretch":
+        return (spec.size, spec.size), (0.0, 0.0, float(width), float(height))
+    # Shorter side to resize_size, then a centre crop of size: computed as one resample from a
+    # source box, which equals resize-then-crop and saves resampling pixels that are cut away.
+    scale = spec.resize_size / min(height, width)
+    new_w, new_h = round(width * scale), round(height * scale)
+    left = (new_w - spec.size) // 2
+    top = (new_h - spec.size) // 2
+    sx, sy = width / new_w, height / new_h
+    return (spec.size, spec.size), (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+
+
+def resample(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """float32 HxW in 0..1 -> float32 size x size in 0..1 (before normalisation)."""
+    if gray.dtype != np.float32 or gray.ndim != 2:
+        raise ValueError(f"preprocess expects a 2-D float32 grayscale image, got {gray.dtype} {gray.shape}")
+    h, w = gray.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"image of {w}x{h} pixels is too small to classify")
+    out_size, box = resize_box(h, w, spec)
+    img = Image.fromarray(np.ascontiguousarray(gray), mode="F")
+    return np.asarray(img.resize(out_size, Image.BILINEAR, box=box), dtype=np.float32)
+
+
+def normalise(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """size x size in 0..1 -> C x size x size, normalised with the spec's mean/std."""
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    inv_std = (1.0 / np.asarray(spec.std, np.float64)).astype(np.float32)[:, None, None]
+    x = np.broadcast_to(resized, (spec.channels,) + resized.shape)
+    return ((x - mean) * inv_std).astype(np.float32)
+
+
+def preprocess(gray: np.ndarray, spec: PreprocessSpec, augment=None) -> np.ndarray:
+    """The model input (C, size, size) float32 for one decoded image.
+
+    `augment` (training only) maps the resampled 0..1 image to another of the same shape; it
+    runs before normalisation so augmented and plain inputs share every other step.
+    """
+    x = resample(gray, spec)
+    if augment is not None:
+        x = np.asarray(augment(x), dtype=np.float32)
+    return normalise(x, spec)

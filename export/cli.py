@@ -1,0 +1,36 @@
+"""`cxr-edge export CHECKPOINT --out PKG ...`"""
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="checkpoint -> model package (ONNX, INT8 Q/DQ, OpenVINO IR, TensorRT), parity-gated")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by cxr-edge train")
+    p.add_argument("--out", required=True, help="package directory to write (replaced)")
+    p.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "fp16", "bf16", "int8"],
+                   help="fp16/bf16 are run precisions of the fp32 artifact and are gated on it")
+    p.add_argument("--val", required=True, help="labelled images for the parity gate: DIR or RUN/split.json[:part] (default part: test)")
+    p.add_argument("--val-limit", type=int, help="use at most N labelled images")
+    p.add_argument("--calib", help="calibration images for int8: DIR or RUN/split.json[:part] (default part: train)")
+    p.add_argument("--calib-size", type=int, default=300)
+    p.add_argument("--max-drop", type=float, help="accuracy-controlled int8 (NNCF) with this max absolute accuracy drop")
+    p.add_argument("--formats", nargs="+", default=["onnx"], choices=["onnx", "openvino", "tensorrt"])
+    p.add_argument("--keep-failed", action="store_true", help="keep artifacts that fail their gate (marked failed)")
+    p.add_argument("--no-features", action="store_true", help="omit the feature-map output (no CAM from this package)")
+    p.add_argument("--name")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .pipeline import GateFailed, export_checkpoint
+    try:
+        export_checkpoint(args.checkpoint, args.out, args.precision, args.calib, args.calib_size, args.val,
+                          args.val_limit, args.max_drop, args.formats, args.keep_failed, not args.no_features,
+                          args.name, log=lambda m: print(m, file=sys.stderr))
+    except GateFailed as e:
+        print(f"cxr-edge export: {len(e.table.splitlines())} rows; gate FAILED - see the table above. "
+              "Failed combinations are marked in model.json; auto never picks them.", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,253 @@
+"""checkpoint -> model package: ONNX fp32, INT8 Q/DQ, optional OpenVINO IR and TensorRT engines,
+each gated by its measured parity with the torch fp32 reference on real labelled images."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_edge.backends import REGISTRY
+from cxr_edge.classifier import softmax
+from cxr_edge.decode import DecodeError, decode
+from cxr_edge.formats import RUN_PRECISIONS, artifact_format
+from cxr_edge.package import Artifact, ModelPackage
+from cxr_edge.parity import compare, format_table, judge
+from cxr_edge.preprocess import PreprocessSpec, preprocess
+
+from .onnx_export import export_onnx, run_onnx
+from .quantize import quantize_accuracy_control, quantize_ptq
+
+
+class GateFailed(Exception):
+    def __init__(self, table: str, package: ModelPackage):
+        super().__init__("one or more artifacts failed their parity gate:\n" + table)
+        self.table, self.package = table, package
+
+
+@dataclass
+class LabelledSet:
+    tensors: np.ndarray
+    labels: np.ndarray
+    paths: list
+    skipped: list = field(default_factory=list)
+
+
+def load_images(items, spec: PreprocessSpec, classes: list | None = None, limit: int | None = None) -> LabelledSet:
+    """items: Sample-like objects (path, label) or plain paths. Decoded and preprocessed exactly as
+    the runtime does. Unreadable files are reported and skipped."""
+    tensors, labels, paths, skipped = [], [], [], []
+    for it in items:
+        if limit and len(tensors) >= limit:
+            break
+        path = getattr(it, "path", it)
+        label = getattr(it, "label", None)
+        if classes is not None and label is not None and label not in classes:
+            continue
+        try:
+            tensors.append(preprocess(decode(path, min_side=spec.decode_hint()).pixels, spec))
+        except DecodeError as e:
+            skipped.append(str(e))
+            continue
+        labels.append(classes.index(label) if classes is not None and label is not None else -1)
+        paths.append(str(path))
+    if not tensors:
+        raise ValueError("no usable images in the given set")
+    return LabelledSet(np.stack(tensors), np.array(labels), paths, skipped)
+
+
+def resolve_set(spec_str: str, part_default: str):
+    """DIR (any train/data layout, or a plain folder of images) or RUN/split.json[:part]."""
+    from pathlib import Path as P
+    path, _, part = spec_str.partition(":") if spec_str.count(":") == 1 and not P(spec_str).exists() else (spec_str, "", "")
+    p = P(path)
+    if p.suffix == ".json":
+        from cxr_edge.train.experiment import read_split
+        return read_split(p, part or part_default)
+    if p.is_dir():
+        from cxr_edge.train.data import load_dataset
+        try:
+            return load_dataset(p)
+        except Exception:
+            from cxr_edge.cli import expand_inputs
+            return expand_inputs([str(p)], recursive=True)
+    raise FileNotFoundError(f"{spec_str}: not a directory or split.json")
+
+
+def torch_probs(net, tensors: np.ndarray, batch: int = 32) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(tensors), batch):
+            out.append(net(torch.from_numpy(tensors[i:i + batch])).float().numpy())
+    return softmax(np.concatenate(out))
+
+
+def run_backend(pkg: ModelPackage, art: Artifact, backend: str, precision: str, tensors: np.ndarray,
+                batch: int = 16) -> np.ndarray:
+    b = REGISTRY[backend](pkg, art, precision)
+    try:
+        return softmax(np.concatenate([b.infer(tensors[i:i + batch])["logits"] for i in range(0, len(tensors), batch)]))
+    finally:
+        b.close()
+
+
+def runnable_combinations(art: Artifact) -> list[tuple[str, str, str]]:
+    """(backend, run precision, why-not or '') for every combination the formats table allows."""
+    out = []
+    for backend, precs in RUN_PRECISIONS.items():
+        if backend == "torch":
+            continue
+        cls = REGISTRY[backend]
+        ok, why = cls.available()
+        for prec, src in precs.items():
+            if src != art.precision:
+                continue
+            if ok and backend == "openvino" and prec in ("bf16", "fp16"):
+                hint = {"bf16": "bf16", "fp16": "f16"}[prec]
+                if hint not in cls.supported_hints():
+                    out.append((backend, prec, f"this CPU has no native {prec}"))
+                    continue
+            out.append((backend, prec, "" if ok else why))
+    return out
+
+
+def gate_artifact(pkg, art, ref_probs, data: LabelledSet, log) -> list[tuple[str, dict, dict]]:
+    rows = []
+    for backend, prec, why_not in runnable_combinations(art):
+        key = f"{backend}/{prec}"
+        if why_not:
+            art.gate[key] = {"passed": False, "skipped": why_not}
+            log(f"  {art.file} {key}: not measured here ({why_not})")
+            continue
+        t = time.time()
+        try:
+            probs = run_backend(pkg, art, backend, prec, data.tensors)
+        except Exception as e:
+            art.gate[key] = {"passed": False, "failures": [f"failed to run: {e}"]}
+            log(f"  {art.file} {key}: failed to run: {e}")
+            continue
+        parity = compare(ref_probs, probs, data.labels if (data.labels >= 0).all() else None, pkg.classes, pkg.normal_class)
+        parity["seconds"] = round(time.time() - t, 2)
+        gate = judge(parity, prec, pkg.classes, pkg.normal_class)
+        art.parity[key], art.gate[key] = parity, gate
+        rows.append((f"{art.file} {key}", parity, gate))
+    return rows
+
+
+def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, calib_size: int = 300,
+                      val=None, val_limit: int | None = None, max_drop: float | None = None,
+                      formats=("onnx",), keep_failed: bool = False, features: bool = True,
+                      name: str | None = None, provenance: dict | None = None, log=print) -> ModelPackage:
+    from cxr_edge.train.checkpoint import load_checkpoint
+    t0 = time.time()
+    net, meta = load_checkpoint(checkpoint)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    classes = meta["classes"]
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    pkg = ModelPackage(root=out, name=name or meta.get("experiment") or Path(checkpoint).stem, classes=classes,
+                       preprocess=spec, normal_class=meta.get("normal_class"), architecture=meta["architecture"],
+                       cam={"features_output": "features", "head": meta["architecture"].get("head", "linear")} if features else {},
+                       provenance=dict(provenance or {}))
+    shape = (spec.channels, spec.size, spec.size)
+
+    # -- ONNX fp32 -----------------------------------------------------------------------------
+    onnx_path = export_onnx(net, shape, out / artifact_format("fp32").suffix, features=features)
+    probe = np.random.default_rng(0).standard_normal((2,) + shape).astype(np.float32)
+    with torch.inference_mode():
+        d = float(np.abs(run_onnx(onnx_path, probe) - net(torch.from_numpy(probe)).numpy()).max())
+    if d > 1e-3:
+        raise RuntimeError(f"exported ONNX disagrees with torch on a probe batch (max |dlogit| {d:.2e})")
+    fp32 = pkg.add_artifact(Artifact(file=onnx_path.name, format="onnx", precision="fp32",
+                                     outputs=["logits", "features"] if features else ["logits"]))
+    log(f"wrote {onnx_path.name} ({fp32.bytes / 1e6:.1f} MB); probe max |dlogit| vs torch {d:.1e}")
+
+    # -- labelled parity set (and calibration set) -----------------------------------------------
+    if val is None:
+        raise ValueError("a labelled set (--val) is required: every artifact is gated on real images")
+    data = load_images(resolve_set(val, "test") if isinstance(val, str) else val, spec, classes, val_limit)
+    log(f"parity set: {len(data.paths)} labelled images" + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else ""))
+    ref = torch_probs(net, data.tensors)
+    ref_acc = float((ref.argmax(1) == data.labels).mean())
+    rows = []
+    # The torch backend reads its weights from model.onnx: prove it is the checkpoint's network.
+    tb = run_backend(pkg, fp32, "torch", "fp32", data.tensors)
+    tp = compare(ref, tb, data.labels, classes, pkg.normal_class)
+    fp32.parity["torch/fp32"], fp32.gate["torch/fp32"] = tp, judge(tp, "fp32", classes, pkg.normal_class)
+    rows.append((f"{fp32.file} torch/fp32", tp, fp32.gate["torch/fp32"]))
+
+    if "int8" in precisions:
+        calib_items = resolve_set(calib, "train") if isinstance(calib, str) else (calib or None)
+        if calib_items is None:
+            raise ValueError("int8 needs a calibration set (--calib DIR or RUN/split.json:train)")
+        rng = np.random.default_rng(0)
+        calib_items = list(calib_items)
+        pick = sorted(rng.choice(len(calib_items), min(calib_size, len(calib_items)), replace=False))
+        cal = load_images([calib_items[i] for i in pick], spec, None)
+        log(f"calibration set: {len(cal.paths)} images")
+        int8_path = out / artifact_format("int8").suffix
+        extra = {"calibration_images": len(cal.paths), "method": "nncf.quantize (PTQ, mixed preset)"}
+        if max_drop is not None:
+            quantize_accuracy_control(onnx_path, int8_path, cal.tensors, data.tensors, data.labels, max_drop)
+            extra["method"] = f"nncf.quantize_with_accuracy_control (max drop {max_drop})"
+        else:
+            quantize_ptq(onnx_path, int8_path, cal.tensors)
+        int8 = pkg.add_artifact(Artifact(file=int8_path.name, format="onnx-qdq", precision="int8",
+                                         outputs=fp32.outputs, extra=extra))
+        int8_rows = gate_artifact(pkg, int8, ref, data, log)
+        if int8_rows and not any(g["passed"] for _, _, g in int8_rows) and max_drop is None:
+            # Keep the most sensitive layers (stem conv, classifier) in float and try once more.
+            import onnx as _onnx
+            nodes = [n.name for n in _onnx.load(str(onnx_path)).graph.node if n.op_type in ("Conv", "Gemm")]
+            ignored = [nodes[0], *[n for n in nodes if "head" in n or n == nodes[-1]]]
+            log(f"int8 failed its gate; retrying with ignored scope {ignored}")
+            quantize_ptq(onnx_path, int8_path, cal.tensors, ignored=ignored)
+            int8.parity, int8.gate = {}, {}
+            int8.extra["ignored_scope"] = ignored
+            pkg.add_artifact(int8)
+            int8_rows = gate_artifact(pkg, int8, ref, data, log)
+        rows += int8_rows
+    rows += gate_artifact(pkg, fp32, ref, data, log)
+
+    if "openvino" in formats:
+        from .openvino_ir import export_ir
+        xml = export_ir(onnx_path, out)
+        pkg.add_artifact(Artifact(file=xml.name, format="openvino-ir", precision="fp32", outputs=fp32.outputs,
+                                  extra={"weights": xml.with_suffix(".bin").name}))
+    if "tensorrt" in formats:
+        from .tensorrt_build import build_engines
+        pkg.provenance["tensorrt"] = build_engines(pkg, precisions, log)
+
+    # -- record, decide ---------------------------------------------------------------------------
+    import cxr_edge, onnx, onnxruntime, openvino, nncf
+    pkg.provenance.setdefault("export", {}).update({
+        "checkpoint_sha256": __import__("cxr_edge.package", fromlist=["sha256_file"]).sha256_file(checkpoint),
+        "parity_set": {"images": len(data.paths), "source": val if isinstance(val, str) else "given",
+                       "reference_accuracy": ref_acc},
+        "versions": {"cxr_edge": cxr_edge.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "nncf": nncf.__version__},
+        "host": platform.processor() or platform.machine(),
+        "seconds": round(time.time() - t0, 1),
+    })
+    for k in ("val", "experiment", "train_counts", "epoch"):
+        if k in meta:
+            pkg.provenance.setdefault("training", {})[k] = meta[k]
+    table = format_table(rows)
+    failed = [a for a in pkg.artifacts if a.format != "openvino-ir"
+              and not any(g.get("passed") for g in a.gate.values())]
+    if failed and not keep_failed:
+        for a in failed:
+            (out / a.file).unlink(missing_ok=True)
+        pkg.artifacts = [a for a in pkg.artifacts if a not in failed]
+    pkg.write()
+    log(table)
+    if any(not g["passed"] for _, _, g in rows) and not keep_failed:
+        raise GateFailed(table, pkg)
+    return pkg
