@@ -19,18 +19,25 @@ def add_parser(sub):
     p.add_argument("--keep-failed", action="store_true", help="keep artifacts that fail their gate (marked failed)")
     p.add_argument("--no-features", action="store_true", help="omit the feature-map output (no CAM from this package)")
     p.add_argument("--name")
+    p.add_argument("--card", metavar="RUN/report.json",
+                   help="attach a model card built from this training report (and the split.json beside it)")
+    p.add_argument("--card-command", default="", help="the training command to record in the card")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .pipeline import GateFailed, export_checkpoint
     try:
-        export_checkpoint(args.checkpoint, args.out, args.precision, args.calib, args.calib_size, args.val,
+        pkg = export_checkpoint(args.checkpoint, args.out, args.precision, args.calib, args.calib_size, args.val,
                           args.val_limit, args.max_drop, args.formats, args.keep_failed, not args.no_features,
                           args.name, log=lambda m: print(m, file=sys.stderr))
     except GateFailed as e:
         print(f"cxr-edge export: {len(e.table.splitlines())} rows; gate FAILED - see the table above. "
               "Failed combinations are marked in model.json; auto never picks them.", file=sys.stderr)
         return 1
+    if args.card:
+        from pathlib import Path
+        from .model_card import attach_card
+        attach_card(pkg, args.card, Path(args.card).parent / "split.json", args.card_command)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -229,7 +229,7 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
     import cxr_edge, onnx, onnxruntime, openvino, nncf
     pkg.provenance.setdefault("export", {}).update({
         "checkpoint_sha256": __import__("cxr_edge.package", fromlist=["sha256_file"]).sha256_file(checkpoint),
-        "parity_set": {"images": len(data.paths), "source": val if isinstance(val, str) else "given",
+        "parity_set": {"images": len(data.paths), "source": Path(val).name if isinstance(val, str) else "given",  # no host paths in model.json
                        "reference_accuracy": ref_acc},
         "versions": {"cxr_edge": cxr_edge.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "nncf": nncf.__version__},

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import queue
 
 import numpy as np
 
@@ -95,7 +96,13 @@ class OpenVINOBackend(Backend):
         return self.infer_async(batch, features).result()
 
     def infer_async(self, batch, features=False):
-        req = self._free.get()  # blocks while every infer request is busy: natural back-pressure
+        try:
+            req = self._free.get_nowait()
+        except queue.Empty:
+            # Every request is held by a handle not yet collected (this stream's batch in flight, or
+            # another thread's): waiting for one would deadlock (nireq is 1 in LATENCY mode, and
+            # concurrent callers each hold one). Make another; the pool grows to the callers' need.
+            req = self.compiled.create_infer_request()
         try:
             req.start_async({0: np.ascontiguousarray(batch, np.float32)}, share_inputs=False)
         except Exception:
