@@ -16,7 +16,8 @@
  *  - Strings returned through `const char **` belong to the model and stay valid until
  *    cxr_close. Nothing returned needs freeing except the model itself.
  *  - ABI: structs that may grow carry struct_size as their first member; fill them with the
- *    matching *_init function. Enumerations only ever gain values.
+ *    matching *_init function. Enumerations only ever gain values; their *_MAX_ENUM members are
+ *    not values but pin them to 32 bits, so a value from a newer header is still representable.
  */
 #ifndef CXR_EDGE_H
 #define CXR_EDGE_H
@@ -53,12 +54,14 @@ typedef enum cxr_status {
     CXR_E_BACKEND = 4,          /* the inference runtime failed to load, compile or run the model */
     CXR_E_BUFFER_TOO_SMALL = 5, /* output capacity smaller than needed */
     CXR_E_OUT_OF_MEMORY = 6,
-    CXR_E_INTERNAL = 7
+    CXR_E_INTERNAL = 7,
+    CXR_STATUS_MAX_ENUM = 0x7fffffff /* keeps the type 32-bit and any int32 value representable */
 } cxr_status;
 
 typedef enum cxr_pixel_type {
     CXR_PIXEL_U8 = 1,  /* one byte per sample, 0..255 */
-    CXR_PIXEL_U16 = 2  /* two bytes per sample, host byte order, scaled by bits_stored */
+    CXR_PIXEL_U16 = 2, /* two bytes per sample, host byte order, scaled by bits_stored */
+    CXR_PIXEL_MAX_ENUM = 0x7fffffff
 } cxr_pixel_type;
 
 /* One grayscale image as stored by a detector or decoder. The SDK only reads it. */
@@ -97,7 +100,8 @@ typedef enum cxr_property {
     CXR_PROP_ARTIFACT = 4,            /* artifact file name inside the package */
     CXR_PROP_INFERENCE_PRECISION = 5, /* what the runtime reports it computes in, e.g. "f32" */
     CXR_PROP_NORMAL_CLASS = 6,        /* the "no disease" class; "" when the package names none */
-    CXR_PROP_DESCRIPTION = 7          /* one line for logs */
+    CXR_PROP_DESCRIPTION = 7,         /* one line for logs */
+    CXR_PROP_MAX_ENUM = 0x7fffffff
 } cxr_property;
 
 typedef struct cxr_model cxr_model;

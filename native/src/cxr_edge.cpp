@@ -243,6 +243,7 @@ const char* cxr_status_name(cxr_status status) {
         case CXR_E_BUFFER_TOO_SMALL: return "CXR_E_BUFFER_TOO_SMALL";
         case CXR_E_OUT_OF_MEMORY: return "CXR_E_OUT_OF_MEMORY";
         case CXR_E_INTERNAL: return "CXR_E_INTERNAL";
+        case CXR_STATUS_MAX_ENUM: break;
     }
     return "CXR_E_UNKNOWN";
 }
@@ -306,6 +307,7 @@ cxr_status cxr_get_property(const cxr_model* model, cxr_property property, const
             case CXR_PROP_INFERENCE_PRECISION: *out_value = model->inference_precision.c_str(); return;
             case CXR_PROP_NORMAL_CLASS: *out_value = model->pkg.normal_class.c_str(); return;
             case CXR_PROP_DESCRIPTION: *out_value = model->description.c_str(); return;
+            case CXR_PROP_MAX_ENUM: break;
         }
         throw Error(CXR_E_INVALID_ARGUMENT, "unknown property " + std::to_string(static_cast<int>(property)));
     });

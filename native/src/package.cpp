@@ -98,6 +98,10 @@ Artifact artifact_from_json(const json& a, std::size_t i, const std::string& whe
     if (art.file.empty() || art.file == "." || art.file == ".." || art.file.find('/') != std::string::npos ||
         art.file.find('\\') != std::string::npos || art.file.find('\0') != std::string::npos)
         fail(where + ": artifact file '" + art.file + "' must be a plain name inside the package");
+    if (a.contains("sha256")) {
+        if (!a["sha256"].is_string()) fail(bad + "'sha256' must be a string");
+        art.sha256 = a["sha256"].get<std::string>();
+    }
     if (a.contains("bytes")) {
         if (!is_int(a["bytes"]) || a["bytes"].get<long long>() < 0) fail(bad + "'bytes' must be a non-negative integer");
         art.bytes = a["bytes"].get<std::int64_t>();

@@ -15,6 +15,7 @@ struct Artifact {
     std::string file;
     std::string format;     // "onnx", "onnx-qdq", "openvino-ir"
     std::string precision;  // weights precision of the file: "fp32", "int8"
+    std::string sha256;     // as recorded in model.json (not recomputed here)
     std::int64_t bytes = 0;
     std::vector<std::string> outputs;
     std::map<std::string, bool> gate_passed;  // "<backend>/<run precision>" -> passed

@@ -98,7 +98,9 @@ def ensure_test_package(root: Path) -> Path:
     # A freshly initialised net has meaningless BatchNorm statistics and nearly saturated softmax
     # outputs, which would make a probability-parity test pass trivially. Calibrate BN on real
     # radiographs and scale the head so the probabilities spread over (0, 1).
-    images = sorted((REPO / "samples" / "kermany").glob("*.jpeg"))
+    images = sample_paths()
+    if not images:
+        raise SystemExit(f"no sample radiographs under {REPO / 'samples'} to calibrate the test package on")
     calib = torch.from_numpy(np.stack([preprocess(decode(p, min_side=size).pixels, spec) for p in images]))
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -120,16 +122,21 @@ def ensure_test_package(root: Path) -> Path:
     ModelPackage(root=root, name="native-sdk-test", classes=["covid", "normal", "pneumonia"], normal_class="normal",
                  preprocess=spec, architecture=arch, cam={"features_output": "features", "kind": "gap_linear"},
                  provenance={"purpose": "native-sdk-test", "weights": "random (torch.manual_seed(0)), "
-                             "BatchNorm calibrated on samples/kermany: not a diagnostic model"},
+                             "BatchNorm calibrated on samples/: not a diagnostic model"},
                  artifacts=[Artifact(file="model.onnx", format="onnx", precision="fp32",
                                      outputs=["logits", "features"], gate={"openvino/fp32": {"passed": True}})]).write()
     return root
 
 
 # -- test images ----------------------------------------------------------------------------------
+def sample_paths() -> list[Path]:
+    """The repository's own sample radiographs (JPEG/PNG anywhere under samples/)."""
+    return sorted(p for p in (REPO / "samples").rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+
+
 def source_images(n_shared: int) -> list[tuple[str, np.ndarray]]:
     """(name, uint8 H x W) of real radiographs, in a fixed order."""
-    paths = sorted((REPO / "samples" / "kermany").glob("*.jpeg"))
+    paths = sample_paths()
     if SHARED_CXR.is_dir() and n_shared > 0:
         # one or two from each source: different detectors, sizes and aspect ratios
         per_source = [sorted(d.iterdir()) for d in sorted(SHARED_CXR.iterdir()) if d.is_dir()]
@@ -138,9 +145,9 @@ def source_images(n_shared: int) -> list[tuple[str, np.ndarray]]:
             picked += [files[k] for files in per_source if len(files) > k]
         paths += picked[:n_shared]
     out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append((p.stem[:40], np.asarray(im.convert("L"), dtype=np.uint8).copy()))
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:  # the index keeps names unique where long stems share a prefix
+            out.append((f"{i:02d}-{p.stem[:32]}", np.asarray(im.convert("L"), dtype=np.uint8).copy()))
     return out
 
 
@@ -205,41 +212,20 @@ def write_pgm(path: Path, pixels: np.ndarray, bits: int):
     path.write_bytes(f"P5\n{w} {h}\n{maxval}\n".encode() + data)
 
 
-def python_probabilities(pkg, precision, grays, tensors):
-    """(probabilities per image in class order, how they were made) or (None, why not)."""
+def python_probabilities(pkg, precision, grays):
+    """(probabilities per image in class order, None) or (None, why the runtime cannot run it)."""
     import cxr_edge
+    from cxr_edge.backends import BackendError
     try:
         clf = cxr_edge.load(pkg, backend="openvino", precision=precision)
-    except Exception as e:
-        load_error = str(e)
-    else:
-        with clf:
-            results = clf.predict(list(grays))
-        bad = [r.error for r in results if not r.ok]
-        if bad:
-            raise SystemExit(f"Python runtime failed on a test image at {precision}: {bad[0]}")
-        return [[r.probabilities[k] for k in pkg.classes] for r in results], "cxr_edge.load"
-    # cxr_edge.load could not open the backend. Where that is a defect of the Python backend
-    # rather than of the package or machine, the same computation is done here: the artifact and
-    # gate the runtime would pick, the same OpenVINO properties, the runtime's own softmax.
-    from cxr_edge.backends import candidates
-    from cxr_edge.classifier import softmax
-    found, skipped = candidates(pkg, "openvino", precision)
-    if not found:
-        return None, "; ".join(skipped) or load_error
-    import openvino as ov
-    import openvino.properties.hint as hints
-    hint = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "fp16": ov.Type.f16, "int8": ov.Type.f32}[precision]
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(pkg.path(found[0].artifact))), "CPU",
-                                  {hints.inference_precision: hint,
-                                   hints.performance_mode: hints.PerformanceMode.THROUGHPUT})
-    logits = np.concatenate([compiled({0: tensors[i:i + 8]})[compiled.output("logits")]
-                             for i in range(0, len(tensors), 8)])
-    print(f"warning: cxr_edge.load(backend='openvino', precision='{precision}') failed ({load_error}); "
-          "reference probabilities computed with the same artifact and OpenVINO settings directly",
-          file=sys.stderr)
-    return softmax(logits).tolist(), f"openvino python API directly (cxr_edge.load failed: {load_error})"
+    except BackendError as e:  # e.g. no int8 artifact in the package, or no bf16 on this CPU
+        return None, str(e)
+    with clf:
+        results = clf.predict(list(grays))
+    bad = [r.error for r in results if not r.ok]
+    if bad:
+        raise SystemExit(f"Python runtime failed on a test image at {precision}: {bad[0]}")
+    return [[r.probabilities[k] for k in pkg.classes] for r in results], None
 
 
 def main(argv=None) -> int:
@@ -283,14 +269,12 @@ def main(argv=None) -> int:
 
     # Probabilities from the Python runtime on the same decoded pixels: float32 0..1 arrays go
     # through decode (identity for them), preprocess, the OpenVINO backend and softmax.
-    tensors = np.stack([preprocess(g, pkg.preprocess) for g in grays])
     for prec in args.precision:
-        probs, route = python_probabilities(pkg, prec, grays, tensors)
+        probs, why = python_probabilities(pkg, prec, grays)
         if probs is None:
-            print(f"skipping precision {prec}: {route}", file=sys.stderr)
+            print(f"no {prec} probabilities: {why}", file=sys.stderr)
             continue
         manifest["probabilities"][prec] = probs
-        manifest.setdefault("reference", {})[prec] = route
 
     (out / "vectors.json").write_text(json.dumps(manifest, indent=1) + "\n")
     n_prob = {k: len(v) for k, v in manifest["probabilities"].items()}
