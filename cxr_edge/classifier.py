@@ -33,6 +33,7 @@ class Result:
     backend: str = ""
     precision: str = ""
     cam: np.ndarray | None = None      # heatmap at the image's original size, when asked for
+    cam_method: str | None = None      # "CAM" (exact), "Grad-CAM", or "approximate Grad-CAM" (see explain.py)
     original_size: tuple | None = None
 
     @property
@@ -111,7 +112,11 @@ class Classifier:
                        probabilities={c: float(v) for c, v in zip(self.classes, p)},
                        backend=self.backend.name, precision=self.precision, original_size=d.original_size)
             if explain:
-                r.cam = self.cam_engine().heatmap(out, k, int(p.argmax()), d.original_size)
+                from .explain import oriented_size
+                engine = self.cam_engine()
+                cls = engine.class_index(explain)
+                r.cam = engine.heatmap(out, k, int(p.argmax()) if cls is None else cls, oriented_size(d))
+                r.cam_method = engine.method
             results.append(r)
             k += 1
         return results
@@ -181,9 +186,12 @@ class Classifier:
                     yield from self._finish(items, prepared, out, explain)
 
     def _submit(self, batch, explain):
-        if explain and self.backend.name == "torch":
-            return _Immediate(lambda: self.cam_engine().torch_outputs(batch))
-        return self.backend.infer_async(batch, features=explain)
+        if explain:
+            engine = self.cam_engine()       # fails here, before any inference, if no CAM is possible
+            engine.class_index(explain)      # explain=True (predicted class) or a class name
+            if self.backend.name == "torch":
+                return _Immediate(lambda: engine.torch_outputs(batch))
+        return self.backend.infer_async(batch, features=bool(explain))
 
     def close(self):
         self.backend.close()

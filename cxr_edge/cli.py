@@ -39,14 +39,25 @@ def cmd_classify(args) -> int:
     files = expand_inputs(args.inputs, args.recursive)
     if not files:
         raise UsageError("no input images found in " + ", ".join(args.inputs))
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        # before loading the model: a typo in the output path should not cost a model load first
+        raise UsageError(f"--output {args.output}: output folder {Path(args.output).parent} does not exist")
+    import warnings
+    from PIL import Image
+    # decode refuses images over its pixel limit with an error row; Pillow's own warning for them
+    # would only add noise on stderr
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     clf = cxr_edge.load(args.model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
                         threads=args.threads)
     print(f"cxr-edge: {clf.why.split(' | ')[0]}", file=sys.stderr)
     print(f"cxr-edge: {cxr_edge.DISCLAIMER}", file=sys.stderr)
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
-    fmt = args.format or ("csv" if args.output and args.output.endswith(".csv") else
-                          "jsonl" if args.output and args.output.endswith(".jsonl") else
-                          "table" if out is sys.stdout and sys.stdout.isatty() else "csv")
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    fmt = args.format or ("csv" if suffix == ".csv" else "jsonl" if suffix == ".jsonl" else
+                          "table" if not args.output and sys.stdout.isatty() else "csv")
+    # utf-8 whatever the locale: paths with non-ASCII names must not fail the run mid-way
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     sink = SINKS[fmt](out, clf.classes)
     progress = Progress(len(files))
     explain = bool(args.cam)
@@ -83,7 +94,10 @@ def cmd_info(args) -> int:
         "model": {"path": str(pkg.root), "name": pkg.name, "classes": pkg.classes, "preprocess": pkg.preprocess.to_dict(),
                   "artifacts": [{"file": a.file, "precision": a.precision, "bytes": a.bytes,
                                  "gates": {k: v.get("passed") for k, v in a.gate.items()}} for a in pkg.artifacts]},
-        "backends": {n: {"available": ok, "detail": why} for n, (ok, why) in status.items()},
+        "backends": {n: {"available": ok, "reason": why,
+                         "usable": [c.precision for c in found if c.backend == n],
+                         "skipped": [x for x in skipped if x.split(":")[0].split()[0] == n]}
+                     for n, (ok, why) in status.items()},
         "auto": {"backend": found[0].backend, "precision": found[0].precision, "artifact": found[0].artifact.file,
                  "reason": found[0].reason} if found else None,
         "ranked": [f"{c.backend}/{c.precision}" for c in found],
@@ -97,7 +111,8 @@ def cmd_info(args) -> int:
     sp = pkg.preprocess
     print(f"input    {sp.channels}x{sp.size}x{sp.size}, resize {sp.resize}, mean {list(sp.mean)}, std {list(sp.std)}")
     for a in pkg.artifacts:
-        gates = ", ".join(f"{k} {'pass' if v.get('passed') else 'FAIL'}" for k, v in a.gate.items()) or "no gate record"
+        gates = ", ".join(f"{k} {'not measured' if 'skipped' in v else 'pass' if v.get('passed') else 'FAIL'}"
+                          for k, v in a.gate.items()) or "no gate record"
         print(f"artifact {a.file:18s} {a.precision:5s} {a.bytes / 1e6:6.1f} MB  {gates}")
     print("backends:")
     for n, (ok, why) in status.items():
@@ -163,23 +178,30 @@ def _unavailable(mod, e):
 
 
 def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        ap = build_parser()
+        args = ap.parse_args(argv)
+    except KeyboardInterrupt:
+        print("cxr-edge: interrupted", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="cxr-edge: %(message)s")
     from .backends.base import BackendError
     from .package import PackageError
     try:
         return int(args.func(args) or 0)
-    except (UsageError, PackageError, BackendError, FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:  # outside the classify loop (loading, shutting down): no traceback
+        print("cxr-edge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # before OSError: `cxr-edge classify ... | head` is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (UsageError, PackageError, BackendError, OSError, ValueError) as e:
         print(f"cxr-edge: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"cxr-edge: error: a dependency is missing ({e}); "
               "the workbench commands need pip install 'cxr-edge[workbench]'", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ MAX_PIXELS = 60_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 DICOM_MAGIC_OFFSET = 128
+_EXIF_ORIENTATION = 0x0112
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG", "RF", "XA", "MG", "OT", "SC", "PX", "IO"}  # SC/OT: secondary captures
 
 
@@ -31,7 +32,7 @@ class DecodeError(Exception):
 class Decoded:
     pixels: np.ndarray                 # float32, H x W, 0..1, 1 = bright (bone), MONOCHROME2 sense
     source: str                        # path, or a description of the in-memory input
-    original_size: tuple               # (width, height) of the stored image, before any draft downscale
+    original_size: tuple               # (width, height) as displayed (EXIF orientation applied), before any draft downscale
     meta: dict = field(default_factory=dict)
 
 
@@ -108,10 +109,11 @@ def _rgb8_to_gray(rgb: np.ndarray) -> np.ndarray:
 
 # -- Pillow formats --------------------------------------------------------------------------------
 def _decode_pillow(fp, name: str, min_side: int | None) -> Decoded:
+    # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe, and the
+    # classifier decodes in a thread pool. Pillow raises DecompressionBombError above 2 x its limit;
+    # between 1 x and 2 x it only warns, so the size is checked explicitly below as well.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+        with Image.open(fp) as img:  # closes the file on every path, errors included
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise DecodeError(f"{name}: {w}x{h} pixels exceeds the decompression-bomb limit of {MAX_PIXELS:,}")
@@ -119,10 +121,12 @@ def _decode_pillow(fp, name: str, min_side: int | None) -> Decoded:
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"{name}: refused as a possible decompression bomb ({e})") from None
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m.group(1)):,} pixels" if m else "image size"
+        raise DecodeError(f"{name}: {size} exceeds the decompression-bomb limit of {MAX_PIXELS:,}") from None
     except UnidentifiedImageError:
         raise DecodeError(f"{name}: not a recognised image file (JPEG, PNG, TIFF, BMP or DICOM)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"{name}: corrupt or truncated image ({e})") from None
 
 
@@ -136,7 +140,15 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
     n_frames = getattr(img, "n_frames", 1)
     if n_frames > 1 and fmt in ("TIFF",):
         raise DecodeError(f"{name}: multi-page {fmt} ({n_frames} frames); one radiograph per file expected")
-    img = ImageOps.exif_transpose(img)  # portrait phone photos and rotated scans arrive with EXIF orientation
+    try:
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block must not cost the image
+        orientation = 1
+    if orientation in (5, 6, 7, 8):  # transposed: report the size as displayed, like the pixels
+        original = (original[1], original[0])
+    # Portrait phone photos and rotated scans arrive with EXIF orientation. in_place=False keeps a
+    # caller's PIL image untouched.
+    img = ImageOps.exif_transpose(img) if orientation != 1 else img
     img.load()
     mode = img.mode
     meta = {"format": fmt, "mode": mode}
@@ -165,14 +177,74 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
 
 
 # -- DICOM ------------------------------------------------------------------------------------------
+def _first(v) -> float:
+    """First value of a possibly multi-valued DICOM number (window centre/width may list several)."""
+    try:
+        return float(v[0]) if not isinstance(v, (str, bytes)) and hasattr(v, "__len__") else float(v)
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"not a number: {v!r}") from None
+
+
+def _missing_plugin_hint(ts) -> str:
+    """Which pixel-data plugins would decode this transfer syntax, according to pydicom itself."""
+    install = "pip install 'cxr-edge[dicom]' installs pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg"
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2: no plugin registry to ask
+        return f" - a pixel-data handler may be missing: {install}"
+    try:
+        dec = get_decoder(ts)
+    except Exception:  # NotImplementedError: pydicom has no decoder for this syntax at all
+        return " - pydicom has no pixel-data decoder for this transfer syntax"
+    if dec.is_available:
+        return ""
+    needs = "; ".join(dec.missing_dependencies)
+    return f" - no installed pixel-data plugin decodes it (needs one of: {needs}); {install}"
+
+
+def _voi_lut(values: np.ndarray, item, ds) -> np.ndarray:
+    """VOI LUT (PS3.3 C.11.2.1.1) -> 0..1. pydicom's apply_voi indexes through an array of the LUT's
+    own entry type (8-bit LUTs wrap indices >= 256), so the lookup is done here."""
+    desc = [int(v) for v in item.LUTDescriptor]
+    n = desc[0] or 65536
+    first = desc[1]
+    if first >= 32768 and int(ds.get("PixelRepresentation", 0)) == 1:
+        first -= 65536   # first mapped value is signed (SS) for signed pixel data
+    out_bits = desc[2]
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        little = getattr(ds, "is_little_endian", None)
+        if little is None:
+            little = True
+        lut = np.frombuffer(data, dtype="<u2" if little else ">u2")
+    else:
+        lut = np.atleast_1d(np.asarray(data, dtype=np.float64))
+    if lut.size < n:
+        raise ValueError(f"VOI LUT has {lut.size} entries, its descriptor says {n}")
+    idx = np.clip(np.rint(values) - first, 0, n - 1).astype(np.intp)
+    return (lut[:n].astype(np.float64)[idx] / ((1 << out_bits) - 1)).clip(0, 1)
+
+
+def _window(values: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
+    """VOI window (PS3.3 C.11.2.1.2/3) -> 0..1."""
+    if function == "SIGMOID":
+        with np.errstate(over="ignore"):  # exp overflow far below the window is 0, as it should be
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+    if function == "LINEAR_EXACT":
+        return ((values - c) / w + 0.5).clip(0, 1)
+    if w == 1:  # LINEAR with width 1 is a threshold (the formula's w - 1 would divide by zero)
+        return (values >= c - 0.5).astype(np.float64)
+    return ((values - (c - 0.5)) / (w - 1) + 0.5).clip(0, 1)
+
+
 def _decode_dicom(fp, name: str) -> Decoded:
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut
     except ImportError:
         try:
             import pydicom
-            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+            from pydicom.pixel_data_handlers.util import apply_modality_lut
         except ImportError:
             raise DecodeError(f"{name}: DICOM support needs pydicom: pip install 'cxr-edge[dicom]'") from None
     try:
@@ -184,58 +256,74 @@ def _decode_dicom(fp, name: str) -> Decoded:
         raise DecodeError(f"{name}: modality {modality} is not a radiograph (expected CR/DX and similar)")
     if "PixelData" not in ds:
         raise DecodeError(f"{name}: DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError) as e:
+        raise DecodeError(f"{name}: malformed image header ({e})") from None
     if frames > 1:
         raise DecodeError(f"{name}: multi-frame DICOM ({frames} frames); one radiograph per file expected")
+    if rows * cols > MAX_PIXELS:
+        # Checked before any pixel buffer is allocated: a compressed stream can claim any size.
+        raise DecodeError(f"{name}: {cols}x{rows} pixels exceeds the decompression-bomb limit of {MAX_PIXELS:,}")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts_name = getattr(ts, "name", str(ts))
     try:
         stored = ds.pixel_array
     except Exception as e:
-        ts_name = getattr(ts, "name", str(ts))
-        msg = str(e)
-        hint = ""
-        if "plugin" in msg.lower() or "handler" in msg.lower() or "decoder" in msg.lower() or "missing" in msg.lower():
-            hint = " - install a pixel-data plugin: pip install 'cxr-edge[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
-        raise DecodeError(f"{name}: cannot decode pixel data with transfer syntax {ts_name}: {msg.splitlines()[0] if msg else type(e).__name__}{hint}") from None
-    bits = int(ds.get("BitsStored", 8 * stored.dtype.itemsize))
+        msg = str(e).strip()
+        first_line = msg.splitlines()[0].rstrip(": ") if msg else type(e).__name__
+        raise DecodeError(f"{name}: cannot decode pixel data with transfer syntax {ts_name}: {first_line}"
+                          f"{_missing_plugin_hint(ts) if ts is not None else ''}") from None
+    try:
+        bits = int(ds.get("BitsStored", 8 * stored.dtype.itemsize))
+    except (TypeError, ValueError):
+        bits = 8 * stored.dtype.itemsize
+    if not 1 <= bits <= 32:
+        raise DecodeError(f"{name}: BitsStored {bits} is invalid")
     meta = {"format": "DICOM", "modality": modality, "photometric": photometric, "bits_stored": bits,
             "transfer_syntax": str(ts) if ts else None}
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        # Secondary captures sometimes store RGB; treat as a picture of a radiograph.
+        # Secondary captures sometimes store colour; treat as a picture of a radiograph.
         if stored.ndim == 3 and stored.shape[-1] == 3:
-            if photometric.startswith("YBR"):
-                from pydicom.pixels import convert_color_space
+            # pydicom >= 3 returns YBR data already converted to RGB (its pixel_array default);
+            # pydicom 2 returns it as stored.
+            if photometric.startswith("YBR") and int(pydicom.__version__.split(".")[0]) < 3:
+                from pydicom.pixel_data_handlers.util import convert_color_space
                 stored = convert_color_space(stored, photometric, "RGB")
             rgb = stored.astype(np.float64) / ((1 << bits) - 1)
-            gray = (rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
-            return Decoded(gray, name, (gray.shape[1], gray.shape[0]), meta)
+            gray = (rgb @ np.array([0.299, 0.587, 0.114])).clip(0, 1).astype(np.float32)
+            return Decoded(np.ascontiguousarray(gray), name, (gray.shape[1], gray.shape[0]), meta)
         raise DecodeError(f"{name}: photometric interpretation {photometric} unsupported")
     if stored.ndim != 2:
         raise DecodeError(f"{name}: expected a single 2-D image, got pixel array of shape {stored.shape}")
-    # Range of the stored values, carried through the same LUTs as the pixels, gives the scale.
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    lo_s, hi_s = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    values = apply_modality_lut(stored, ds).astype(np.float64)
-    rng = apply_modality_lut(np.array([lo_s, hi_s], dtype=stored.dtype), ds).astype(np.float64)
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        if w < 1:
-            raise DecodeError(f"{name}: window width {w} is invalid (must be >= 1)")
-        # DICOM PS3.3 C.11.2.1.2.1 linear window, output 0..1
-        gray = ((values - (c - 0.5)) / (w - 1) + 0.5).clip(0, 1)
-        meta["window"] = (c, w)
-    elif "VOILUTSequence" in ds:
-        out = apply_voi_lut(values, ds).astype(np.float64)
-        lut = ds.VOILUTSequence[0]
-        out_bits = int(lut.LUTDescriptor[2])
-        gray = (out / ((1 << out_bits) - 1)).clip(0, 1)
-        meta["voi_lut"] = True
-    else:
-        lo, hi = float(min(rng)), float(max(rng))
-        gray = ((values - lo) / (hi - lo)).clip(0, 1) if hi > lo else np.zeros_like(values)
+    try:
+        # Range of the stored values, carried through the same LUTs as the pixels, gives the scale.
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        lo_s, hi_s = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        values = apply_modality_lut(stored, ds).astype(np.float64)
+        rng = apply_modality_lut(np.array([lo_s, hi_s], dtype=stored.dtype), ds).astype(np.float64)
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is not None and width is not None and str(center) != "" and str(width) != "":
+            c, w = _first(center), _first(width)
+            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+            if (function == "LINEAR" and w < 1) or not w > 0:
+                raise DecodeError(f"{name}: window width {w} is invalid for a {function} VOI function")
+            gray = _window(values, c, w, function)
+            meta["window"] = (c, w)
+            if function != "LINEAR":
+                meta["voi_function"] = function
+        elif ds.get("VOILUTSequence"):
+            gray = _voi_lut(values, ds.VOILUTSequence[0], ds)
+            meta["voi_lut"] = True
+        else:
+            lo, hi = float(min(rng)), float(max(rng))
+            gray = ((values - lo) / (hi - lo)).clip(0, 1) if hi > lo else np.zeros_like(values)
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise DecodeError(f"{name}: malformed grayscale transform in the DICOM header ({type(e).__name__}: {e})") from None
     if photometric == "MONOCHROME1":
         gray = 1.0 - gray
     gray = gray.astype(np.float32)

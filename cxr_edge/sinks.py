@@ -7,6 +7,25 @@ import json
 import sys
 
 
+def columns(classes) -> list[str]:
+    """The fields of every result row, CSV and JSONL alike, in order."""
+    return ["path", "status", "label", *[f"p_{c}" for c in classes], "backend", "precision", "error"]
+
+
+def _one_line(text: str | None) -> str | None:
+    # Decoder messages can span lines; a result row stays one line in every sink (grep, tail -f).
+    return " ".join(text.split()) if text else text
+
+
+def row(r, classes) -> dict:
+    """One result as {column: value}: probabilities rounded to 6 decimals, None where not known."""
+    d = {"path": r.source, "status": r.status, "label": r.label if r.ok else None}
+    for c in classes:
+        d[f"p_{c}"] = round(float(r.probabilities[c]), 6) if r.ok else None
+    d.update(backend=r.backend, precision=r.precision, error=_one_line(r.error))
+    return d
+
+
 class Sink:
     def __init__(self, fp, classes):
         self.fp, self.classes = fp, classes
@@ -22,20 +41,21 @@ class CsvSink(Sink):
     def __init__(self, fp, classes):
         super().__init__(fp, classes)
         self.w = csv.writer(fp)
-        self.w.writerow(["path", "status", "label", *[f"p_{c}" for c in classes], "backend", "precision", "error"])
+        self.w.writerow(columns(classes))
         fp.flush()
 
     def write(self, r):
-        probs = [f"{r.probabilities[c]:.6f}" if r.ok else "" for c in self.classes]
-        self.w.writerow([r.source, r.status, r.label or "", *probs, r.backend, r.precision, r.error or ""])
+        d = row(r, self.classes)
+        # one write call per row (csv.writer formats the whole line first), then flush: an
+        # interrupted run leaves only complete lines behind
+        self.w.writerow([f"{v:.6f}" if k.startswith("p_") and v is not None else ("" if v is None else v)
+                         for k, v in d.items()])
         self.fp.flush()
 
 
 class JsonlSink(Sink):
     def write(self, r):
-        d = r.to_dict()
-        d["probabilities"] = {c: round(v, 6) for c, v in d["probabilities"].items()}
-        self.fp.write(json.dumps(d) + "\n")
+        self.fp.write(json.dumps(row(r, self.classes)) + "\n")
         self.fp.flush()
 
 
@@ -50,7 +70,7 @@ class TableSink(Sink):
                           + " ".join(f"{r.probabilities[c]:9.3f}" for c in self.classes) + f"  {r.source}\n")
         else:
             self.fp.write(f"{'ERROR':6} {'':>10} {'':>6}  " + " ".join(f"{'':>9}" for _ in self.classes)
-                          + f"  {r.error}\n")
+                          + f"  {_one_line(r.error)}\n")
         self.fp.flush()
 
 

@@ -1,4 +1,7 @@
-"""`cxr-edge train EXPERIMENT --data DIR --out RUN [overrides]`."""
+"""`cxr-edge train EXPERIMENT --data DIR --out RUN [overrides]`.
+
+Multi-GPU (or multi-process on CPU, gloo): `torchrun --standalone --nproc_per_node N --no-python
+cxr-edge train EXPERIMENT ...`; the experiment's batch_size stays the global batch."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +22,12 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--init-path", help="local weights file for init imagenet/checkpoint")
+    p.add_argument("--in-channels", type=int, choices=[1, 3],
+                   help="1: one gray input channel (first conv built for 1 channel); 3: pseudo-RGB")
+    p.add_argument("--init", choices=["random", "imagenet", "checkpoint"],
+                   help="override the experiment's initialisation (e.g. random where no ImageNet weights exist)")
+    p.add_argument("--init-path", help="local weights file for init imagenet (torchvision/timm .pth or "
+                                       ".safetensors) or checkpoint (a run's best.safetensors); nothing is downloaded")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN/last.pt exists")
     p.add_argument("--hold-out", nargs="*", default=[],
                    help="image files whose patients are forced into the test split (e.g. samples/)")
@@ -41,16 +49,21 @@ def run(args) -> int:
     if args.list or not args.experiment:
         for name in list_experiments():
             cfg = load_experiment(name)
-            print(f"{name:34s} {cfg.get('paper', '')[:90]}")
+            init = cfg.get("model", {}).get("init", "random")
+            print(f"{name:34s} {cfg['model']['name']:13s} init {init:10s} {cfg.get('paper', '')[:70]}")
         return 0
     if not args.data or not args.out:
         raise SystemExit("cxr-edge train: --data and --out are required")
     cfg = load_experiment(args.experiment)
-    cfg = apply_overrides(cfg, args.epochs, args.image_size, args.limit, args.batch_size, args.seed)
-    if args.init_path:
-        cfg["model"]["init_path"] = args.init_path
-    rep = run_experiment(cfg, args.data, args.out, device=args.device, resume=not args.no_resume,
-                         force_test_sha256=_hold_out_hashes(args.hold_out))
+    cfg = apply_overrides(cfg, args.epochs, args.image_size, args.limit, args.batch_size, args.seed,
+                          in_channels=args.in_channels, init=args.init, init_path=args.init_path)
+    try:
+        rep = run_experiment(cfg, args.data, args.out, device=args.device, resume=not args.no_resume,
+                             force_test_sha256=_hold_out_hashes(args.hold_out))
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if rep:
         print((Path(args.out) / "report.md").read_text())
     return 0
