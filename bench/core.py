@@ -93,7 +93,19 @@ def _prepare(items, pkg, path: Path, log):
     return files, np.array(labels), skipped, shape
 
 
+def _loadavg():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _run_job(job: dict, isolate: bool, timeout: float, log) -> dict:
+    """One job; its result carries the 1-minute load average before and after (shared machines)."""
+    before = _loadavg()
+    res = _run_job_inner(job, isolate, timeout, log)
+    res["loadavg_1m"] = [before, _loadavg()]
+    return res
+
+
+def _run_job_inner(job: dict, isolate: bool, timeout: float, log) -> dict:
     Path(job["out_dir"]).mkdir(parents=True, exist_ok=True)
     if not isolate:
         sampler_note = "in-process: sampled peak RSS minus RSS at the start of the job (other jobs' memory may linger)"
@@ -148,6 +160,7 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
     """Benchmark a model package; write DIR/report.json, report.md and throughput.png when `out` is
     given; return the report dict. Failures of single combinations are recorded, never raised."""
     t0 = time.time()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     pkg = ModelPackage.read(model)
     data = Path(data) if data else default_data()
     if batch_sizes is None:
@@ -253,6 +266,7 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
         decode_workers = next((c.results["e2e"]["decode_workers"] for c in combos
                                if c.status == "ok" and "e2e" in c.results), None)
         host = host_info(threads, decode_workers)
+        host["loadavg_start"] = load_start
         host["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         report = {
             "report_version": REPORT_VERSION,

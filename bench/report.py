@@ -38,6 +38,11 @@ def markdown(report: dict) -> str:
          f"(usable {cpu['usable_cores']}), ISA {', '.join(cpu['flags']) or '–'}; GPU: {gpu}",
          f"- load average at start {_f((h.get('loadavg_start') or [None])[0], '{:.2f}')}, end "
          f"{_f((h.get('loadavg_end') or [None])[0], '{:.2f}')}; nice {h.get('nice')}",
+         *([f"- ⚠ the machine was busy (load average {max(h['loadavg_start'][0], h['loadavg_end'][0]):.1f} on "
+            f"{cpu['usable_cores'] or cpu['logical_cores']} cores): speeds are not representative; compare rows "
+            "with their own load column below"]
+           if h.get("loadavg_start") and h.get("loadavg_end") and max(h["loadavg_start"][0], h["loadavg_end"][0])
+           > (cpu["usable_cores"] or cpu["logical_cores"] or 1) else []),
          "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("cxr-edge", "openvino", "onnxruntime", "torch", "torchvision",
                                                           "numpy", "pillow") if v.get(k)),
          f"- data: {report['data']['images']} images ({report['data']['labelled']} labelled) from `{report['data']['path']}`; "
@@ -110,12 +115,19 @@ def markdown(report: dict) -> str:
         L += ["Notes:", ""] + [f"- {k}: {n}" for k, n in notes] + [""]
 
     # latency detail
-    L += ["## Inference-only latency per batch (ms)", "", "| combination | batch | p50 | p90 | p99 | sync img/s | async img/s |",
-          "|---|---|---|---|---|---|---|"]
+    L += ["## Inference-only latency per batch (ms)", "",
+          "| combination | batch | p50 | p90 | p99 | sync img/s | async img/s | threads / streams | load avg before → after |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for c in recs:
-        for b, rec in (c["results"].get("infer") or {}).items():
+        r = c["results"]
+        th = r.get("threads") or {}
+        thr = "/".join(str(th[k]) for k in ("inference_num_threads", "torch_num_threads", "intra_op_num_threads",
+                                            "streams") if k in th) or "–"
+        la = r.get("loadavg_1m") or [None, None]
+        for b, rec in (r.get("infer") or {}).items():
             L.append(f"| {c['key']} | {b} | {rec['p50_ms']:.2f} | {rec['p90_ms']:.2f} | {rec['p99_ms']:.2f} | "
-                     f"{rec['sync_ips']:.1f} | {_f(rec.get('async_ips'))} |")
+                     f"{rec['sync_ips']:.1f} | {_f(rec.get('async_ips'))} | {thr} | "
+                     f"{_f(la[0], '{:.1f}')} → {_f(la[1], '{:.1f}')} |")
     L += [""]
 
     # parity detail

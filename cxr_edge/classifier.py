@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from .backends import load_best
 from .decode import DecodeError, decode
@@ -131,7 +132,7 @@ class Classifier:
     # -- public API ------------------------------------------------------------------------------
     def predict(self, inputs, explain: bool = False) -> list[Result]:
         """A list of inputs (paths, bytes, PIL images, arrays) -> one Result each, in order."""
-        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or not isinstance(inputs, Iterable):
+        if isinstance(inputs, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image)) or not isinstance(inputs, Iterable):
             inputs = [inputs]
         return list(self.stream(inputs, explain=explain))
 

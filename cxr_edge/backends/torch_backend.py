@@ -38,12 +38,13 @@ class TorchBackend(Backend):
 
     @classmethod
     def available(cls):
-        try:
-            import torch
-            import torchvision  # noqa: F401  (the architectures come from torchvision)
-        except ImportError:
+        # Without importing torch: importing it costs seconds and ~400 MB, and auto usually
+        # picks another backend.
+        import importlib.metadata
+        import importlib.util
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
             return False, "torch/torchvision not installed (the workbench: pip install 'cxr-edge[workbench]')"
-        return True, f"torch {torch.__version__}" + (" (CUDA)" if torch.cuda.is_available() else " (CPU)")
+        return True, f"torch {importlib.metadata.version('torch')}"
 
     def __init__(self, package, artifact, precision, threads=None, options=None):
         super().__init__(package, artifact, precision, threads, options)
