@@ -180,7 +180,8 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
         items = _load_items(data, limit)
         files, labels, skipped, shape = _prepare(items, pkg, work / "tensors.f32", log)
         if e2e_images is None:
-            e2e_images = len(files) if (repeats or quick) else max(len(files), 64)
+            # enough batches that pipeline fill and drain (first decode, last inference) do not dominate
+            e2e_images = len(files) if repeats else max(len(files), 64)
         log(f"bench: {pkg.name} ({pkg.root}) on {len(files)} images from {data}; batch sizes {batch_sizes}")
         combos = plan(pkg, backends, precisions, try_unavailable)
         base = {"package": str(pkg.root), "tensors": str(work / "tensors.f32"), "tensors_shape": list(shape),

@@ -137,7 +137,16 @@ class Classifier:
         return list(self.stream(inputs, explain=explain))
 
     def predict_one(self, item, explain: bool = False) -> Result:
-        return self.predict([item], explain=explain)[0]
+        """One input, decoded in the calling thread: no pool to start, lowest latency."""
+        prepared = self._prepare(item)
+        out = None
+        if prepared[0] is not None:
+            try:
+                out = self._submit(prepared[0][None], explain).result()
+            except Exception as e:
+                return Result(_describe(item), error=f"{_describe(item)}: inference failed on "
+                              f"{self.backend.describe()}: {e}", backend=self.backend.name, precision=self.precision)
+        return self._finish([item], [prepared], out, explain)[0]
 
     def stream(self, inputs: Iterable, explain: bool = False) -> Iterator[Result]:
         """Results in input order as batches complete; memory stays bounded for any input length."""
