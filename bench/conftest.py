@@ -27,7 +27,7 @@ def _random_package(out: Path) -> Path:
     from cxr_edge.export import export_checkpoint
     from cxr_edge.preprocess import PreprocessSpec
     from cxr_edge.train.checkpoint import save_checkpoint
-    from cxr_edge.train.models import build
+    from cxr_edge.architectures import build
     torch.manual_seed(0)
     arch = {"name": "densenet121", "head": "linear", "num_classes": 3, "in_channels": 3, "dropout": 0.0,
             "input_size": 224}

@@ -60,7 +60,7 @@ def _load_items(data, limit: int | None, seed: int = 0) -> list[tuple[str, str |
     except Exception:
         items = None
     if not items:
-        from cxr_edge.cli import expand_inputs
+        from cxr_edge.inputs import expand_inputs
         items = [(f, None) for f in expand_inputs([str(p)], recursive=True)]
     if not items:
         raise ValueError(f"{data}: no images found")

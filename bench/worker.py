@@ -66,7 +66,7 @@ def percentiles_ms(seconds: list) -> dict:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    from cxr_edge.classifier import softmax as sm
+    from cxr_edge.postprocess import softmax as sm
     return sm(logits)
 
 

@@ -1,5 +1,6 @@
 """cxr-edge: edge-deployable chest X-ray classification. Not for diagnostic use."""
-from .classifier import DISCLAIMER, Classifier, Result, load
+from .classifier import Classifier, load
+from .postprocess import DISCLAIMER, Result
 from .decode import DecodeError
 from .package import ModelPackage, PackageError
 from .preprocess import PreprocessSpec, preprocess

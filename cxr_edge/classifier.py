@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -19,52 +17,10 @@ from PIL import Image
 
 from .backends import load_best
 from .decode import DecodeError, decode
+from .inputs import describe as _describe
 from .package import ModelPackage
+from .postprocess import DISCLAIMER, Result, softmax  # noqa: F401 (DISCLAIMER re-exported)
 from .preprocess import preprocess
-
-DISCLAIMER = "Research software, not a medical device: not for diagnostic use."
-
-
-@dataclass
-class Result:
-    source: str
-    label: str | None = None
-    probabilities: dict = field(default_factory=dict)
-    error: str | None = None
-    backend: str = ""
-    precision: str = ""
-    cam: np.ndarray | None = None      # heatmap at the image's original size, when asked for
-    cam_method: str | None = None      # "CAM" (exact), "Grad-CAM", or "approximate Grad-CAM" (see explain.py)
-    original_size: tuple | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def status(self) -> str:
-        return "ok" if self.error is None else "error"
-
-    @property
-    def probability(self) -> float | None:
-        return self.probabilities.get(self.label) if self.label else None
-
-    def to_dict(self) -> dict:
-        return {"path": self.source, "status": self.status, "label": self.label,
-                "probabilities": self.probabilities, "backend": self.backend, "precision": self.precision,
-                "error": self.error}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def _describe(item) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
-    return f"<{type(item).__name__}>"
 
 
 class Classifier:
@@ -75,9 +31,36 @@ class Classifier:
         self.spec = package.preprocess
         self.batch_size = max(1, int(batch_size))
         self.backend, self.why = load_best(package, backend, precision, threads, options)
+        self._check_output_width()
         self.decode_workers = decode_workers or max(2, min(4, os.cpu_count() or 2))
         self._cam = None
         self._cam_lock = threading.Lock()
+        from .nearties import threshold as _near_tie_threshold
+        self.uncertain_below = _near_tie_threshold(self.backend.artifact, self.backend.name, self.backend.precision)
+
+    def _check_output_width(self):
+        """One zero image through the loaded backend: its logits must have one column per class of
+        model.json (2 names for a 3-output model would otherwise give probabilities that do not sum
+        to 1, or crash when the unnamed output wins). Costs one batch-1 inference at load.
+
+        Raises:
+            PackageError: the output width differs from the class count (the package is wrong).
+            BackendError: the backend cannot run the test image.
+        """
+        from .backends.base import BackendError
+        from .package import PackageError
+        c, s = self.spec.channels, self.spec.size
+        try:
+            logits = self.backend.infer(np.zeros((1, c, s, s), np.float32))["logits"]
+        except Exception as e:
+            self.backend.close()
+            raise BackendError(f"{self.backend.describe()}: could not run a test image at load: {e}") from None
+        shape, k = tuple(np.shape(logits)), len(self.classes)
+        if shape != (1, k):
+            self.backend.close()
+            width = shape[-1] if len(shape) == 2 else shape
+            raise PackageError(f"{self.package.root}: classes: model.json lists {k} classes {self.classes} but "
+                               f"{self.backend.artifact.file} outputs {width} logits per image")
 
     @property
     def backend_name(self) -> str:
@@ -103,6 +86,9 @@ class Classifier:
     def _finish(self, items, prepared, out, explain: bool) -> list[Result]:
         results, k = [], 0
         probs = softmax(out["logits"]) if out is not None else None
+        if probs is not None:
+            from .nearties import flag
+            margins, uncertain = flag(probs, self.uncertain_below)
         for item, (tensor, d) in zip(items, prepared):
             if tensor is None:
                 results.append(Result(_describe(item), error=d, backend=self.backend.name, precision=self.precision))
@@ -111,9 +97,10 @@ class Classifier:
             r = Result(_describe(item),
                        label=self.classes[int(p.argmax())],
                        probabilities={c: float(v) for c, v in zip(self.classes, p)},
-                       backend=self.backend.name, precision=self.precision, original_size=d.original_size)
+                       backend=self.backend.name, precision=self.precision, original_size=d.original_size,
+                       margin=float(margins[k]), uncertain=uncertain[k])
             if explain:
-                from .explain import oriented_size
+                from .cam import oriented_size
                 engine = self.cam_engine()
                 cls = engine.class_index(explain)
                 r.cam = engine.heatmap(out, k, int(p.argmax()) if cls is None else cls, oriented_size(d))
@@ -125,7 +112,7 @@ class Classifier:
     def cam_engine(self):
         with self._cam_lock:
             if self._cam is None:
-                from .explain import CamEngine
+                from .cam import CamEngine
                 self._cam = CamEngine(self.package, self.backend)
             return self._cam
 
@@ -200,7 +187,9 @@ class Classifier:
             engine = self.cam_engine()       # fails here, before any inference, if no CAM is possible
             engine.class_index(explain)      # explain=True (predicted class) or a class name
             if self.backend.name == "torch":
-                return _Immediate(lambda: engine.torch_outputs(batch))
+                done: Future = Future()
+                done.set_result(engine.torch_outputs(batch))
+                return done
         return self.backend.infer_async(batch, features=bool(explain))
 
     def close(self):
@@ -211,14 +200,6 @@ class Classifier:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class _Immediate:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def result(self):
-        return self.fn()
 
 
 def load(model=None, backend: str = "auto", precision: str = "auto", batch_size: int = 8,

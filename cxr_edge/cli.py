@@ -1,7 +1,9 @@
-"""`cxr-edge` command line: classify, info, explain, and the workbench's train / export / bench.
+"""`cxr-edge` command line: the only module above every stage (inputs, decode, preprocess, backends,
+postprocess, sinks) and the only runtime module that dispatches to the workbench (train / export /
+bench), which it imports lazily so that an edge install runs without torch.
 
 Exit status: 0 every input classified; 1 some inputs failed (their rows say why); 2 usage or
-model errors. Expected failures print one line, never a traceback."""
+model errors; 130 interrupted. Expected failures print one line, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -11,31 +13,23 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+from .inputs import expand_inputs
 
+EXIT_CODES = """exit status:
+  0    every input classified
+  1    some inputs failed (their rows say why); the others were classified
+  2    usage, model package or backend error (one line on stderr, no rows)
+  130  interrupted (Ctrl-C); rows written so far are kept"""
 
 class UsageError(Exception):
-    pass
-
-
-def expand_inputs(inputs, recursive: bool) -> list[str]:
-    """Files named explicitly are always kept (a missing one becomes an error row); folders
-    contribute image-like files (known suffix, or none: DICOM files often have no extension)."""
-    out = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            files = sorted(p.rglob("*") if recursive else p.iterdir())
-            out += [str(f) for f in files if f.is_file() and not f.name.startswith(".")
-                    and (f.suffix.lower() in IMAGE_SUFFIXES or f.suffix == "")]
-        else:
-            out.append(str(p))
-    return out
+    """A command line that cannot be carried out (printed as one line, exit status 2)."""
 
 
 def cmd_classify(args) -> int:
     import cxr_edge
-    from .sinks import SINKS, Progress
+    from .overlay import OverlayWriter
+    from .progress import Progress
+    from .sinks import SINKS
     files = expand_inputs(args.inputs, args.recursive)
     if not files:
         raise UsageError("no input images found in " + ", ".join(args.inputs))
@@ -58,18 +52,19 @@ def cmd_classify(args) -> int:
                           "table" if not args.output and sys.stdout.isatty() else "csv")
     # utf-8 whatever the locale: paths with non-ASCII names must not fail the run mid-way
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
-    sink = SINKS[fmt](out, clf.classes)
     progress = Progress(len(files))
+    # rows to a terminal go through the progress bar's writer so the bar keeps its own line
+    sink = SINKS[fmt](progress.wrap(out), clf.classes)
     explain = bool(args.cam)
+    overlays = OverlayWriter(Path(args.cam)) if explain else None
     failed = 0
     try:
         for r in clf.stream(files, explain=explain):
             sink.write(r)
             progress.update(r.ok)
             failed += 0 if r.ok else 1
-            if explain and r.ok:
-                from .explain import save_overlay
-                save_overlay(r, Path(args.cam))
+            if overlays is not None and r.ok:
+                overlays.write(r)
     except KeyboardInterrupt:
         progress.close()
         print(f"cxr-edge: interrupted after {progress.n} of {len(files)} inputs; rows written so far are kept",
@@ -127,30 +122,87 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cxr-edge", description="Chest X-ray classification at the edge. Not for diagnostic use.")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
+def cmd_explain(args) -> int:
+    """`cxr-edge explain`: one class-activation overlay PNG per input."""
+    import cxr_edge
+    from .overlay import OverlayWriter
+    files = expand_inputs(args.inputs, args.recursive)
+    if not files:
+        raise UsageError("no input images found in " + ", ".join(args.inputs))
+    clf = cxr_edge.load(args.model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+                        threads=args.threads)
+    print(f"cxr-edge: {clf.why.split(' | ')[0]}", file=sys.stderr)
+    print(f"cxr-edge: {cxr_edge.DISCLAIMER}", file=sys.stderr)
+    overlays = OverlayWriter(Path(args.out), alpha=args.alpha)
+    failed = 0
+    for r in clf.stream(files, explain=args.cls or True):
+        if not r.ok:
+            failed += 1
+            print(f"{r.source}\terror\t{r.error}")
+            continue
+        path = overlays.write(r)
+        print(f"{r.source}\t{r.label}\t{r.probability:.4f}\t{r.cam_method}\t{path}")
+    print(f"cxr-edge: {len(files) - failed} overlays written to {args.out}, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
 
-    p = sub.add_parser("classify", help="classify images (files or folders)")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--model", help="model package directory (default: the embedded default model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "openvino", "onnxruntime", "torch"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, help="inference threads (default: the backend's choice)")
-    p.add_argument("--recursive", "-r", action="store_true")
-    p.add_argument("--output", "-o", help="write results here (.csv or .jsonl) instead of stdout")
-    p.add_argument("--format", choices=["csv", "jsonl", "table"])
+
+BACKENDS = ["auto", "tensorrt", "openvino", "onnxruntime", "torch"]
+PRECISIONS = ["auto", "fp32", "fp16", "bf16", "int8"]
+
+
+def _add_model_options(p, batch: bool = True):
+    p.add_argument("--model", metavar="PKG", help="model package directory (default: the embedded default model)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference backend; auto: the fastest one whose parity is verified here (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="run precision; auto: the backend's fastest verified one (default: %(default)s)")
+    if batch:
+        p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                       help="images per inference batch (default: %(default)s)")
+    p.add_argument("--threads", type=int, metavar="N", help="inference threads (default: the backend's own choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog="cxr-edge", formatter_class=fmt, epilog=EXIT_CODES,
+                                 description="Chest X-ray classification at the edge. Not for diagnostic use.")
+    ap.add_argument("--version", action="version", version=f"cxr-edge {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides (backend choice, skips)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("classify", help="classify images (files or folders)", formatter_class=fmt, epilog=EXIT_CODES,
+                       description="Classify chest X-rays (JPEG, PNG 8/16-bit, TIFF, BMP, DICOM) and write one row per "
+                                   "input: label, per-class probabilities, backend, precision, or the error that names "
+                                   "the input and the cause. Rows are written as they complete.")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files and/or folders")
+    _add_model_options(p)
+    p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    p.add_argument("--output", "-o", metavar="FILE", help="write results to FILE (.csv or .jsonl) instead of stdout")
+    p.add_argument("--format", choices=["csv", "jsonl", "table"],
+                   help="row format (default: from --output's extension; a table on a terminal, else csv)")
     p.add_argument("--cam", metavar="DIR", help="also write class-activation overlays (PNG) into DIR")
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("info", help="backends available here, and what auto would choose")
-    p.add_argument("--model")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="backends available here, and what auto would choose",
+                       description="Show the model package, every backend (available or why not) and the evidence "
+                                   "behind auto's choice.")
+    p.add_argument("--model", metavar="PKG", help="model package directory (default: the embedded default model)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
 
-    for mod in ("explain", "train", "export", "bench"):
+    p = sub.add_parser("explain", help="class activation map overlays (PNG) for images", formatter_class=fmt,
+                       epilog=EXIT_CODES, description="Write <name>.cam.png: the class activation map of the predicted "
+                                                      "(or a named) class blended over the radiograph.")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files and/or folders")
+    _add_model_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="write <name>.cam.png overlays here")
+    p.add_argument("--class", dest="cls", metavar="NAME", help="explain this class instead of the predicted one")
+    p.add_argument("--alpha", type=float, default=0.6, help="heatmap opacity where the map is 1 (default: %(default)s)")
+    p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    p.set_defaults(func=cmd_explain)
+
+    for mod in ("train", "export", "bench"):
         _add_optional(sub, mod)
     return ap
 
@@ -158,9 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional(sub, mod):
     """Workbench commands register themselves; without torch they still show up and say why."""
     try:
-        if mod == "explain":
-            from .explain import add_parser
-        elif mod == "train":
+        if mod == "train":
             from .train.cli import add_parser
         elif mod == "export":
             from .export.cli import add_parser

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 
 def columns(classes) -> list[str]:
     """The fields of every result row, CSV and JSONL alike, in order."""
-    return ["path", "status", "label", *[f"p_{c}" for c in classes], "backend", "precision", "error"]
+    return ["path", "status", "label", *[f"p_{c}" for c in classes], "backend", "precision", "margin", "uncertain",
+            "error"]
 
 
 def _one_line(text: str | None) -> str | None:
@@ -22,7 +22,10 @@ def row(r, classes) -> dict:
     d = {"path": r.source, "status": r.status, "label": r.label if r.ok else None}
     for c in classes:
         d[f"p_{c}"] = round(float(r.probabilities[c]), 6) if r.ok else None
-    d.update(backend=r.backend, precision=r.precision, error=_one_line(r.error))
+    margin = getattr(r, "margin", None)
+    d.update(backend=r.backend, precision=r.precision,
+             margin=round(float(margin), 6) if r.ok and margin is not None else None,
+             uncertain=getattr(r, "uncertain", None) if r.ok else None, error=_one_line(r.error))
     return d
 
 
@@ -48,7 +51,8 @@ class CsvSink(Sink):
         d = row(r, self.classes)
         # one write call per row (csv.writer formats the whole line first), then flush: an
         # interrupted run leaves only complete lines behind
-        self.w.writerow([f"{v:.6f}" if k.startswith("p_") and v is not None else ("" if v is None else v)
+        self.w.writerow([f"{v:.6f}" if (k.startswith("p_") or k == "margin") and v is not None
+                         else ("" if v is None else str(v).lower() if isinstance(v, bool) else v)
                          for k, v in d.items()])
         self.fp.flush()
 
@@ -62,37 +66,28 @@ class JsonlSink(Sink):
 class TableSink(Sink):
     def __init__(self, fp, classes):
         super().__init__(fp, classes)
-        self.fp.write(f"{'status':6} {'label':>10} {'p':>6}  " + " ".join(f"{c[:9]:>9}" for c in classes) + "  path\n")
+        self.n_uncertain = 0
+        self.fp.write(f"{'status':6} {'label':>10} {'p':>6} {'margin':>7}  " + " ".join(f"{c[:9]:>9}" for c in classes)
+                      + "  path\n")
 
     def write(self, r):
         if r.ok:
-            self.fp.write(f"{'ok':6} {r.label:>10} {r.probability:6.3f}  "
+            margin = getattr(r, "margin", None)
+            unc = getattr(r, "uncertain", None)
+            self.n_uncertain += bool(unc)
+            mcell = ("" if margin is None else f"{margin:.3f}") + ("*" if unc else " ")
+            self.fp.write(f"{'ok':6} {r.label:>10} {r.probability:6.3f} {mcell:>7}  "
                           + " ".join(f"{r.probabilities[c]:9.3f}" for c in self.classes) + f"  {r.source}\n")
         else:
-            self.fp.write(f"{'ERROR':6} {'':>10} {'':>6}  " + " ".join(f"{'':>9}" for _ in self.classes)
+            self.fp.write(f"{'ERROR':6} {'':>10} {'':>6} {'':>7}  " + " ".join(f"{'':>9}" for _ in self.classes)
                           + f"  {_one_line(r.error)}\n")
         self.fp.flush()
 
+    def close(self):
+        if self.n_uncertain:
+            self.fp.write(f"* uncertain ({self.n_uncertain}): top-2 margin below this backend/precision's measured "
+                          "near-tie threshold; the reference model may give the runner-up label\n")
+        super().close()
+
 
 SINKS = {"csv": CsvSink, "jsonl": JsonlSink, "table": TableSink}
-
-
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-    def __init__(self, total: int | None, enabled: bool | None = None):
-        self.total, self.n, self.failed = total, 0, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def update(self, ok: bool):
-        self.n += 1
-        self.failed += 0 if ok else 1
-        if self.enabled:
-            tot = self.total or 0
-            frac = self.n / tot if tot else 0
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] {self.n}/{tot} ({self.failed} failed)")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from cxr_edge.train.models import CXRNet, WithFeatures
+from cxr_edge.architectures import CXRNet, WithFeatures
 
 OPSET = 18
 

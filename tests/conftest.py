@@ -47,7 +47,7 @@ def build_checkpoint(path: Path, size: int = 96, seed: int = 0, arch: str = "den
     import torch
     from cxr_edge.preprocess import PreprocessSpec
     from cxr_edge.train.checkpoint import save_checkpoint
-    from cxr_edge.train.models import build
+    from cxr_edge.architectures import build
     torch.manual_seed(seed)
     architecture = {"name": arch, "head": head, "num_classes": 3, "in_channels": 3, "dropout": 0.0, "input_size": size}
     net = build(architecture).eval()

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import SAMPLES, build_checkpoint, sample_images, shared_images
 
-from cxr_edge import explain as ex
+from cxr_edge import cam as ex
+from cxr_edge import overlay as ov
 from cxr_edge.preprocess import PreprocessSpec
 
 
@@ -99,12 +100,12 @@ def test_upsample_shorter_side_crop_fills_only_the_crop_box():
 
 
 def test_jet_and_overlay_rendering(tmp_path):
-    assert np.allclose(ex.jet(np.array([[0.0]]))[0, 0], [0, 0, 0.5])
-    assert np.allclose(ex.jet(np.array([[1.0]]))[0, 0], [0.5, 0, 0])
+    assert np.allclose(ov.jet(np.array([[0.0]]))[0, 0], [0, 0, 0.5])
+    assert np.allclose(ov.jet(np.array([[1.0]]))[0, 0], [0.5, 0, 0])
     gray = np.tile(np.linspace(0, 1, 320, dtype=np.float32), (240, 1))
     cam = np.zeros((240, 320), np.float32)
     cam[100:140, 200:260] = 1
-    img = ex.render_overlay(gray, cam, "pneumonia 87.0%", "CAM - openvino fp32")
+    img = ov.render_overlay(gray, cam, "pneumonia 87.0%", "CAM - openvino fp32")
     assert img.size == (320, 240) and img.mode == "RGB"
     a = np.asarray(img).astype(int)
     assert a[120, 230, 0] > a[120, 230, 2] + 50             # hot spot is red
@@ -138,7 +139,7 @@ FAST_ARCHS = ("densenet121", "resnet18", "sepconv_cnn")
 @pytest.mark.parametrize("name", FAST_ARCHS)
 def test_grad_cam_torch_architectures(name):
     torch = pytest.importorskip("torch")
-    from cxr_edge.train.models import build
+    from cxr_edge.architectures import build
     torch.manual_seed(0)
     net = build(_arch(name, in_channels=1 if name == "resnet18" else 3)).eval()
     _check_grad_cam(net, torch.randn(2, net_in(net), 96, 96))
@@ -154,7 +155,7 @@ def net_in(net):
 def test_grad_cam_every_registry_architecture():
     """All of list_models() (about 2 minutes on 2 busy cores: the big torchvision builds)."""
     torch = pytest.importorskip("torch")
-    from cxr_edge.train.models import build, list_models
+    from cxr_edge.architectures import build, list_models
     for name in list_models():
         head = "flatten_linear" if name == "logreg" else "linear"
         torch.manual_seed(0)
@@ -166,7 +167,7 @@ def test_grad_cam_every_registry_architecture():
 def test_numpy_head_gradient_equals_torch_grad_cam(head):
     """The non-torch path for MLP/Flatten heads uses the same channel weights as autograd Grad-CAM."""
     torch = pytest.importorskip("torch")
-    from cxr_edge.train.models import build
+    from cxr_edge.architectures import build
     torch.manual_seed(0)
     net = build(_arch("sepconv_cnn", head)).eval()
     x = torch.randn(3, 3, 96, 96)
@@ -301,7 +302,7 @@ def test_overlays_are_png_of_the_original_size(linear_results, tmp_path):
     imgs, out = linear_results
     rs = next(v for v in out.values() if not isinstance(v, Exception))
     for r in rs:
-        p = ex.save_overlay(r, tmp_path)
+        p = ov.save_overlay(r, tmp_path)
         with Image.open(p) as im:
             assert im.format == "PNG" and im.mode == "RGB"
             assert im.size == Image.open(r.source).size
@@ -362,7 +363,7 @@ def test_mlp_head_grad_cam_on_torch_and_approximate_elsewhere(mlp_package, tmp_p
             assert b.cam.shape == a.cam.shape
             # measured: the numpy head gradient reproduces autograd's Grad-CAM (corr 1.0000)
             assert corr(a.cam, b.cam) >= 0.99
-        p = ex.save_overlay(rs[0], tmp_path)
+        p = ov.save_overlay(rs[0], tmp_path)
         assert Image.open(p).size == Image.open(rs[0].source).size
 
 

@@ -32,7 +32,7 @@ def read_meta(path) -> dict:
 
 def load_checkpoint(path):
     """(net in eval mode, meta)."""
-    from .models import build
+    from cxr_edge.architectures import build
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

@@ -25,7 +25,7 @@ from .augment import Augment
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Sample
 from .losses import make_loss
-from .models import CXRNet, build
+from cxr_edge.architectures import CXRNet, build
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def init_weights(net: CXRNet, model_cfg: dict):
         raise ValueError(f"unknown init {init!r}; expected random, imagenet or checkpoint")
     path = model_cfg.get("init_path")
     if not path and init == "imagenet":
-        from .models import cached_imagenet_weights
+        from cxr_edge.architectures import cached_imagenet_weights
         path = cached_imagenet_weights(model_cfg["name"])
     if not path or not Path(path).is_file():
         what = ("ImageNet weights for " + model_cfg["name"] + " (torchvision's .pth, or timm's for the timm models)"
@@ -476,7 +476,7 @@ def init_weights(net: CXRNet, model_cfg: dict):
             f"(got {str(path) if path else 'nothing'}; nothing is downloaded), or --init random to train from "
             "random weights instead")
     if init == "imagenet":
-        from .models import load_torchvision_weights
+        from cxr_edge.architectures import load_torchvision_weights
         load_torchvision_weights(net, model_cfg["name"], path)
     else:
         src, meta = load_checkpoint(path)

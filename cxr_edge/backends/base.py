@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,14 @@ class BackendError(Exception):
     """A backend could not load or run a model."""
 
 
+def nvidia_gpu_present() -> bool:
+    """Cheap test for an NVIDIA driver (desktop/server GPUs or Jetson), without importing any CUDA
+    library: lets CPU-only machines skip importing torch or cuda-python to find out."""
+    import os
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/nvhost-ctrl-gpu",
+                                          "/dev/nvgpu/igpu0/ctrl"))
+
+
 def register(cls):
     REGISTRY[cls.name] = cls
     return cls
@@ -20,14 +29,38 @@ def register(cls):
 
 class Backend(abc.ABC):
     name: str = ""
-    precisions: tuple = ()      # run precisions this backend offers (keys of formats.RUN_PRECISIONS)
-    devices: tuple = ("cpu",)
+    # Which precisions a backend runs, from which artifact, on which devices: formats.RUNS, the one
+    # place (run_precisions() reads it).
     supports_async: bool = False
 
     @classmethod
     @abc.abstractmethod
     def available(cls) -> tuple[bool, str]:
         """(usable here, why or why not). Must be cheap and must not raise."""
+
+    @classmethod
+    def run_precisions(cls) -> tuple:
+        """Run precisions of this backend (formats.RUNS order)."""
+        from ..formats import RUN_PRECISIONS
+        return tuple(RUN_PRECISIONS.get(cls.name, {}))
+
+    @classmethod
+    def supports(cls, precision: str, options: dict | None = None) -> tuple[bool, str]:
+        """(whether this machine runs `precision` on this backend, why not). Beyond available():
+        device capabilities (native bf16, a GPU). Cheap; must not raise."""
+        from ..formats import run
+        r = run(cls.name, precision)
+        if r is None:
+            from ..formats import RUN_PRECISIONS
+            return False, f"not a precision {cls.name} runs (formats.RUNS: {', '.join(RUN_PRECISIONS.get(cls.name, {}))})"
+        return True, ""
+
+    @classmethod
+    def target_device(cls, precision: str, options: dict | None = None) -> str:
+        """The device kind ("cpu" or "cuda") this backend runs `precision` on with these options."""
+        from ..formats import run
+        r = run(cls.name, precision)
+        return r.devices[0] if r else "cpu"
 
     def __init__(self, package, artifact, precision: str, threads: int | None = None, options: dict | None = None):
         self.package = package
@@ -46,8 +79,11 @@ class Backend(abc.ABC):
         """{'logits': (N, K)} and, when asked and the artifact has it, {'features': (N, C, h, w)}."""
 
     def infer_async(self, batch: np.ndarray, features: bool = False):
-        """A handle with .result() -> same as infer. Default: synchronous."""
-        return _Done(self.infer(batch, features))
+        """A `concurrent.futures.Future`-like handle whose .result() is what `infer` returns.
+        Default: computed now, synchronously."""
+        done: Future = Future()
+        done.set_result(self.infer(batch, features))
+        return done
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} on {self.device} ({self.artifact.file})"
@@ -55,10 +91,3 @@ class Backend(abc.ABC):
     def close(self):
         pass
 
-
-class _Done:
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value

@@ -1,40 +1,29 @@
 """The PyTorch reference backend (fp32, eager). Needs the workbench install (torch + torchvision).
 
-Its weights are the package's fp32 ONNX initializers: export writes that graph without constant
-folding and with BatchNorm preserved, so every state_dict tensor sits there under its own name
-(`net.<key>`) and the package carries one copy of the weights. A `model.safetensors` in the
-package, when present, takes precedence.
+Its weights are the package's fp32 ONNX initializers (or a safetensors artifact listed in
+model.json): see cxr_edge.weights. The network comes from cxr_edge.architectures, the registry
+train/ uses too.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, BackendError, register
-
-ONNX_PREFIX = "net."
-
+from .base import Backend, BackendError, nvidia_gpu_present, register
 
 def reference_state_dict(package) -> dict:
+    """{key: torch.Tensor} of the package's fp32 reference weights (see cxr_edge.weights)."""
     import torch
-    st = package.root / "model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
-        return load_file(str(st))
-    art = package.artifact("fp32", "onnx")
-    if art is None:
-        raise BackendError(f"{package.root}: no fp32 ONNX artifact to read reference weights from")
-    import onnx
-    from onnx import numpy_helper
-    model = onnx.load(str(package.path(art)))
-    return {i.name[len(ONNX_PREFIX):]: torch.from_numpy(numpy_helper.to_array(i).copy())
-            for i in model.graph.initializer if i.name.startswith(ONNX_PREFIX)}
+    from ..weights import WeightsUnavailable, read_weights
+    try:
+        return {k: torch.from_numpy(v) for k, v in read_weights(package).items()}
+    except WeightsUnavailable as e:
+        raise BackendError(str(e)) from None
 
 
 @register
 class TorchBackend(Backend):
     name = "torch"
-    precisions = ("fp32",)
-    devices = ("cpu", "cuda")
+    _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
     @classmethod
     def available(cls):
@@ -46,10 +35,35 @@ class TorchBackend(Backend):
             return False, "torch/torchvision not installed (the workbench: pip install 'cxr-edge[workbench]')"
         return True, f"torch {importlib.metadata.version('torch')}"
 
+    @classmethod
+    def supports(cls, precision, options=None):
+        """fp32 anywhere; fp16/bf16 on a CUDA GPU only (bf16 from compute capability 8.0)."""
+        ok, why = super().supports(precision, options)
+        if not ok or precision == "fp32":
+            return ok, why
+        if not nvidia_gpu_present():
+            return False, f"torch {precision} needs an NVIDIA GPU (CUDA); none here"
+        try:
+            import torch
+            if not torch.cuda.is_available():
+                return False, f"torch {precision} needs CUDA; torch.cuda.is_available() is False"
+            if precision == "bf16" and not torch.cuda.is_bf16_supported():
+                return False, f"torch bf16: {torch.cuda.get_device_name(0)} has no native bf16"
+        except Exception as e:
+            return False, f"torch {precision}: CUDA unusable: {e}"
+        return True, ""
+
+    @classmethod
+    def target_device(cls, precision, options=None):
+        """fp16/bf16: cuda; fp32: options["device"] ("cpu" by default: the reference)."""
+        if precision != "fp32":
+            return "cuda"
+        return "cuda" if (options or {}).get("device") == "cuda" else "cpu"
+
     def __init__(self, package, artifact, precision, threads=None, options=None):
         super().__init__(package, artifact, precision, threads, options)
         import torch
-        from ..train_bridge import build_network
+        from ..architectures import build as build_network
         if not package.architecture:
             raise BackendError(f"{package.root}: model.json has no 'architecture'; the torch reference cannot be built")
         self.torch = torch
@@ -62,14 +76,16 @@ class TorchBackend(Backend):
         if missing or unexpected:
             raise BackendError(f"{package.root}: reference weights do not fit {package.architecture.get('name')} "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        want = self.options.get("device", "cpu")
-        self.device = "cuda" if want == "cuda" and torch.cuda.is_available() else "cpu"
-        self.net = net.eval().to(self.device)
+        self.device = self.target_device(precision, self.options)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendError(f"torch {precision} on cuda: torch.cuda.is_available() is False")
+        self.dtype = getattr(torch, self._DTYPES[precision])
+        self.net = net.eval().to(self.device, self.dtype)
 
     def infer(self, batch, features=False):
         torch = self.torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device, self.dtype, non_blocking=True)
             logits, fmap = self.net.forward_with_features(x)
             out = {"logits": logits.float().cpu().numpy()}
             if features:

@@ -83,7 +83,7 @@ def ensure_test_package(root: Path) -> Path:
     from cxr_edge.package import Artifact, ModelPackage
     from cxr_edge.preprocess import PreprocessSpec, preprocess
     from cxr_edge.decode import decode
-    from cxr_edge.train.models import WithFeatures, build
+    from cxr_edge.architectures import WithFeatures, build
 
     print(f"building the random-weights test package in {root} (once)", flush=True)
     if root.exists():

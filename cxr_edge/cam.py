@@ -1,4 +1,4 @@
-"""Class activation maps from any backend, and overlays a person can look at. Not for diagnostic use.
+"""Class activation maps from any backend (postprocessing: feature map + head weights -> heatmap).
 
 How a map is computed depends on the package's head (model.json `cam.head`) and the backend:
 
@@ -24,17 +24,16 @@ through the inverse of the preprocessing geometry, and normalised to 0..1.
 from __future__ import annotations
 
 import re
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .preprocess import resize_box
+from .weights import ONNX_PREFIX, WeightsUnavailable, read_weights, weights_source
 
-ONNX_PREFIX = "net."
 HEAD_ACTIVATION = {"linear": None, "dense_relu": "relu", "mlp_mish": "mish", "flatten_dense": "relu",
                    "flatten_linear": None}
 FLATTEN_HEADS = ("flatten_dense", "flatten_linear")
@@ -42,8 +41,6 @@ FLATTEN_HEADS = ("flatten_dense", "flatten_linear")
 METHOD_CAM = "CAM"
 METHOD_GRAD_CAM = "Grad-CAM"
 METHOD_APPROX = "approximate Grad-CAM"
-
-DISCLAIMER_SHORT = "Research software - not for diagnostic use"
 
 
 class CamUnavailable(ValueError):
@@ -68,43 +65,23 @@ _HEAD_CACHE: dict = {}
 _HEAD_LOCK = threading.Lock()
 
 
-def _head_tensors_onnx(path: Path) -> dict:
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise CamUnavailable("CAM on this backend reads the head weights from model.onnx and needs the "
-                             "'onnx' package (pip install onnx)") from None
-    model = onnx.load(str(path))
-    out = {}
-    for init in model.graph.initializer:
-        if init.name.startswith(ONNX_PREFIX + "head."):
-            out[init.name[len(ONNX_PREFIX):]] = np.array(numpy_helper.to_array(init), dtype=np.float32, copy=True)
-    return out
-
-
-def _head_tensors_safetensors(path: Path) -> dict:
-    from safetensors.numpy import load_file
-    return {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items() if k.startswith("head.")}
-
-
 def read_head(package) -> HeadWeights:
     """The head's linear layers, read once per weights file (cached)."""
     head = (package.cam or {}).get("head") or package.architecture.get("head", "linear")
     if head not in HEAD_ACTIVATION:
         raise CamUnavailable(f"{package.root}: no CAM for head {head!r}")
-    st = package.root / "model.safetensors"
-    art = package.artifact("fp32", "onnx")
-    if st.is_file():
-        src, reader = st, _head_tensors_safetensors
-    elif art is not None:
-        src, reader = package.path(art), _head_tensors_onnx
-    else:
-        raise CamUnavailable(f"{package.root}: no fp32 ONNX (or model.safetensors) to read the head weights from")
+    try:
+        src, _ = weights_source(package)
+    except WeightsUnavailable as e:
+        raise CamUnavailable(str(e)) from None
     key = (str(src), src.stat().st_mtime_ns, src.stat().st_size)
     with _HEAD_LOCK:
         if key not in _HEAD_CACHE:
-            tensors = reader(src)
+            try:
+                tensors = {k: np.asarray(v, np.float32) for k, v in read_weights(package, "head.").items()}
+            except ImportError:
+                raise CamUnavailable("CAM on this backend reads the head weights from model.onnx and needs the "
+                                     "'onnx' package (pip install onnx)") from None
             idx = sorted({int(m.group(1)) for k in tensors if (m := re.fullmatch(r"head\.(\d+)\.weight", k))
                           and tensors[k].ndim == 2})
             if not idx:
@@ -250,7 +227,6 @@ class CamEngine:
         self.package = package
         self.backend = backend
         self.spec = package.preprocess
-        self.head_name = (package.cam or {}).get("head") or package.architecture.get("head", "linear")
         self.is_torch = backend.name == "torch"
         if self.is_torch:
             if not hasattr(getattr(backend, "net", None), "backbone"):
@@ -298,129 +274,3 @@ class CamEngine:
     def heatmap(self, out: dict, k: int, class_index: int, original_size: tuple) -> np.ndarray:
         """(H, W) float32 in 0..1 at the original image size."""
         return upsample(self.lowres(out, k, class_index), original_size, self.spec)
-
-
-# -- overlays ---------------------------------------------------------------------------------------
-def jet(x: np.ndarray) -> np.ndarray:
-    """(H, W) in 0..1 -> (H, W, 3) float32 'jet' colours (no matplotlib on the edge)."""
-    x = np.clip(x, 0, 1)[..., None]
-    k = np.array([3.0, 2.0, 1.0], np.float32)
-    return np.clip(1.5 - np.abs(4.0 * x - k), 0, 1).astype(np.float32)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:       # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def render_overlay(gray: np.ndarray, cam: np.ndarray, title: str, subtitle: str = "", alpha: float = 0.6) -> Image.Image:
-    """The radiograph with the heatmap blended where it is high, a title and the disclaimer."""
-    h, w = gray.shape
-    if cam.shape != (h, w):
-        cam = np.asarray(Image.fromarray(cam.astype(np.float32), "F").resize((w, h), Image.BILINEAR))
-    base = np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2)
-    a = (alpha * np.clip(cam, 0, 1))[..., None]     # opacity follows the map: where it is low the film stays readable
-    rgb = (base * (1 - a) + jet(cam) * a) * 255.0
-    img = Image.fromarray(np.round(rgb).astype(np.uint8), "RGB").convert("RGBA")
-
-    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    big, small = max(12, min(w, h) // 18), max(9, min(w, h) // 40)
-    fb, fs = _font(big), _font(small)
-    pad = max(3, big // 4)
-    lines = [(title, fb)] + ([(subtitle, fs)] if subtitle else [])
-    y = pad
-    boxes = []
-    for text, font in lines:
-        l, t, r, b = draw.textbbox((pad, y), text, font=font)
-        boxes.append((text, font, (pad, y), (l, t, r, b)))
-        y = b + pad // 2
-    right = max(bx[3][2] for bx in boxes)
-    draw.rectangle((0, 0, right + pad, y + pad // 2), fill=(0, 0, 0, 150))
-    for text, font, xy, _ in boxes:
-        draw.text(xy, text, font=font, fill=(255, 255, 255, 255))
-    l, t, r, b = draw.textbbox((0, 0), DISCLAIMER_SHORT, font=fs)
-    x0, y0 = w - (r - l) - 2 * pad, h - (b - t) - 2 * pad
-    draw.rectangle((x0, y0, w, h), fill=(0, 0, 0, 150))
-    draw.text((x0 + pad - l, y0 + pad - t), DISCLAIMER_SHORT, font=fs, fill=(255, 255, 160, 255))
-    return Image.alpha_composite(img, layer).convert("RGB")
-
-
-_WRITTEN: dict = {}
-_WRITTEN_LOCK = threading.Lock()
-
-
-def overlay_path(source: str, out_dir: Path) -> Path:
-    """<stem>.cam.png in out_dir; a second input with the same stem in this process gets -2, -3..."""
-    stem = Path(source).stem if source and not source.startswith("<") else "image"
-    with _WRITTEN_LOCK:
-        n = 1
-        while True:
-            p = out_dir / (f"{stem}.cam.png" if n == 1 else f"{stem}-{n}.cam.png")
-            owner = _WRITTEN.get(str(p.resolve()))
-            if owner is None or owner == source:
-                _WRITTEN[str(p.resolve())] = source
-                return p
-            n += 1
-
-
-def save_overlay(result, out_dir: Path, image: np.ndarray | None = None, alpha: float = 0.6) -> Path:
-    """Write `result`'s CAM over its radiograph as PNG (original size) into out_dir; returns the path.
-    `image`: the decoded grayscale pixels, for in-memory inputs (files are decoded again)."""
-    if result.cam is None:
-        raise ValueError(f"{result.source}: no CAM in this result (classify with explain=True)")
-    if image is None:
-        if not result.source or result.source.startswith("<"):
-            raise ValueError(f"{result.source}: in-memory input; pass its pixels as image=")
-        from .decode import decode
-        image = decode(result.source).pixels
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prob = result.probability
-    title = f"{result.label} {prob:.1%}" if prob is not None else str(result.label)
-    method = getattr(result, "cam_method", None) or "CAM"
-    subtitle = f"{method} - {result.backend} {result.precision}".strip()
-    path = overlay_path(result.source, out_dir)
-    render_overlay(image, result.cam, title, subtitle, alpha).save(path, format="PNG")
-    return path
-
-
-# -- cxr-edge explain ------------------------------------------------------------------------------
-def add_parser(sub):
-    p = sub.add_parser("explain", help="class activation map overlays (PNG) for images")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--model", help="model package directory (default: the embedded default model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "openvino", "onnxruntime", "torch"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"])
-    p.add_argument("--out", required=True, metavar="DIR", help="write <name>.cam.png overlays here")
-    p.add_argument("--class", dest="cls", metavar="NAME", help="explain this class instead of the predicted one")
-    p.add_argument("--alpha", type=float, default=0.6, help="heatmap opacity where the map is 1 (default 0.6)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--recursive", "-r", action="store_true")
-    p.set_defaults(func=cmd_explain)
-
-
-def cmd_explain(args) -> int:
-    import cxr_edge
-    from .cli import UsageError, expand_inputs
-    files = expand_inputs(args.inputs, args.recursive)
-    if not files:
-        raise UsageError("no input images found in " + ", ".join(args.inputs))
-    clf = cxr_edge.load(args.model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
-                        threads=args.threads)
-    print(f"cxr-edge: {clf.why.split(' | ')[0]}", file=sys.stderr)
-    print(f"cxr-edge: {cxr_edge.DISCLAIMER}", file=sys.stderr)
-    out = Path(args.out)
-    failed = 0
-    for r in clf.stream(files, explain=args.cls or True):
-        if not r.ok:
-            failed += 1
-            print(f"{r.source}\terror\t{r.error}")
-            continue
-        path = save_overlay(r, out, alpha=args.alpha)
-        print(f"{r.source}\t{r.label}\t{r.probability:.4f}\t{r.cam_method}\t{path}")
-    print(f"cxr-edge: {len(files) - failed} overlays written to {out}, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
