@@ -22,9 +22,9 @@ pytest.importorskip("torchvision")
 
 from conftest import CXR, need_shared_cxr, shared_images  # noqa: E402
 
-from cxr_edge.metrics import classification_report  # noqa: E402
+from cxr_edge.train.metrics import classification_report  # noqa: E402
 from cxr_edge.preprocess import PreprocessSpec  # noqa: E402
-from cxr_edge.train import models  # noqa: E402
+from cxr_edge import architectures as models  # noqa: E402
 from cxr_edge.train.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
 from cxr_edge.train.data import (Sample, cap_per_class, cohen_label, load_dataset, map_labels,  # noqa: E402
                                  split_by_patient)

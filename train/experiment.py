@@ -159,7 +159,7 @@ def run_experiment(cfg: dict, data_dir, out_dir, device="auto", resume=True, for
     from .loop import CachedImages, per_source_report, predict, train
     from .checkpoint import load_checkpoint
     from .report import flat_metrics, write_report
-    from cxr_edge.metrics import classification_report
+    from cxr_edge.train.metrics import classification_report
     from cxr_edge.preprocess import PreprocessSpec
     import torch
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxr_edge.decode import decode
-from cxr_edge.metrics import classification_report
+from cxr_edge.train.metrics import classification_report
 from cxr_edge.preprocess import PreprocessSpec, normalise, preprocess, resample
 
 from .augment import Augment

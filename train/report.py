@@ -113,13 +113,9 @@ def write_report(report: dict, out: Path) -> None:
 
 def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct threshold, from (0,0) to (1,1)."""
-    y = np.asarray(y, bool)
-    order = np.argsort(-np.asarray(score, float), kind="mergesort")
-    s, y = np.asarray(score, float)[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each run of equal scores
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    P, N = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fp / N], np.r_[0.0, tp / P]
+    from sklearn.metrics import roc_curve as sk_roc_curve
+    fpr, tpr, _ = sk_roc_curve(np.asarray(y, bool), np.asarray(score, float), drop_intermediate=False)
+    return fpr, tpr
 
 
 def plot(report: dict, out: Path) -> None:

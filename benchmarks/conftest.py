@@ -1,4 +1,4 @@
-"""Fixtures for the pytest-benchmark hot-path suite (`pytest bench/ --benchmark-json out.json`).
+"""Fixtures for the pytest-benchmark hot-path suite (`python -m pytest benchmarks/ --benchmark-json out.json`; kept out of the wheel and out of the unit-test run).
 
 The model package comes from --bench-model PKG, else $CXR_EDGE_BENCH_MODEL, else the embedded
 default package, else a DenseNet121 with random weights exported on the fly (a few minutes)."""
