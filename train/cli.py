@@ -15,6 +15,9 @@ def add_parser(sub):
     p.add_argument("experiment", nargs="?", help="experiment name or JSON file; omit with --list")
     p.add_argument("--list", action="store_true", help="list the experiment files")
     p.add_argument("--data", help="dataset directory (manifest.csv, class folders, Kermany or Radiography layout)")
+    p.add_argument("--layout", choices=["auto", "manifest", "folders", "kermany", "radiography", "cohen"],
+                   help="dataset layout (default: the experiment's, usually auto-detected; folders = "
+                        "DATA/<class>/*.png)")
     p.add_argument("--out", help="run directory (checkpoints, log.csv, report.md, plots)")
     p.add_argument("--epochs", type=int, help="override every phase's epochs")
     p.add_argument("--image-size", type=int, help="override the input size (reduced CPU runs)")
@@ -57,6 +60,8 @@ def run(args) -> int:
     cfg = load_experiment(args.experiment)
     cfg = apply_overrides(cfg, args.epochs, args.image_size, args.limit, args.batch_size, args.seed,
                           in_channels=args.in_channels, init=args.init, init_path=args.init_path)
+    if args.layout:
+        cfg.setdefault("data", {})["layout"] = args.layout
     try:
         rep = run_experiment(cfg, args.data, args.out, device=args.device, resume=not args.no_resume,
                              force_test_sha256=_hold_out_hashes(args.hold_out))

@@ -151,6 +151,10 @@ def load_dataset(root, layout: str = "auto") -> list[Sample]:
                "cohen": load_cohen, "folders": load_class_folders}
     if layout not in loaders:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(loaders)}")
+    marker = {"manifest": "manifest.csv", "cohen": "metadata.csv"}.get(layout)
+    if marker and not (root / marker).is_file():
+        raise FileNotFoundError(f"{root}: no {marker}, which the {layout!r} layout needs; for class folders "
+                                f"(<class>/<image>) use --layout folders or auto")
     return loaders[layout](root)
 
 
