@@ -24,6 +24,7 @@ import numpy as np
 from cxr_edge.decode import DecodeError, decode
 from cxr_edge.formats import TOLERANCES
 from cxr_edge.package import ModelPackage
+from cxr_edge.nearties import sources_and_near_ties
 from cxr_edge.parity import compare, judge
 from cxr_edge.preprocess import preprocess
 
@@ -32,7 +33,6 @@ from .host import host_info
 from .plan import Combo, plan
 
 REPORT_VERSION = 1
-REPO_SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 TARGETS = {"e2e_vs_reference": 6.0, "e2e_vs_infer": 0.85, "predict_one_vs_infer_b1": 1.3}
 
 
@@ -44,8 +44,8 @@ class Timing:
 
 
 def default_data() -> Path:
-    local = Path("samples")
-    return local if (local / "manifest.csv").is_file() else REPO_SAMPLES
+    from cxr_edge.samples import DIR   # installed with the package: works in an edge install too
+    return DIR
 
 
 def _load_items(data, limit: int | None, seed: int = 0) -> list[tuple[str, str | None]]:
@@ -68,6 +68,16 @@ def _load_items(data, limit: int | None, seed: int = 0) -> list[tuple[str, str |
         idx = sorted(np.random.default_rng(seed).choice(len(items), limit, replace=False))
         items = [items[i] for i in idx]
     return items
+
+
+def _sources(data, files) -> list[str]:
+    """The data source of each benchmarked file ("" where unknown; [] when the layout has none)."""
+    try:
+        from cxr_edge.train.data import load_dataset
+        by_path = {str(s.path): s.source or "" for s in load_dataset(Path(data))}
+    except Exception:
+        return []
+    return [by_path.get(str(f), "") for f in files]
 
 
 def _prepare(items, pkg, path: Path, log):
@@ -188,6 +198,7 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
                 "files": files, "threads": threads, "batch_sizes": batch_sizes, "timing": timing.__dict__,
                 "e2e_batch_size": int(e2e_batch_size), "e2e_images": int(e2e_images)}
 
+        sources = _sources(data, files)
         probs = {}
         for i, c in enumerate(sorted(combos, key=lambda c: not c.reference)):
             if c.status == "unavailable":
@@ -217,6 +228,8 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
                 c.results["parity_note"] = "no torch fp32 reference: " + (torch_row.reason if torch_row else "torch row missing")
                 continue
             par = _parity(ref, probs[c.key][0], labels, pkg)
+            if isinstance(par, dict):  # per-source agreement and near-tie counts (cxr_edge.nearties)
+                par.update(sources_and_near_ties(ref, probs[c.key][0], sources, c.backend, c.precision))
             c.results["parity"] = par
             c.results["gate_bench"] = judge(par, c.precision if c.precision in TOLERANCES else "fp32",
                                             pkg.classes, pkg.normal_class)
@@ -294,9 +307,10 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
         }
         if out_dir:
             from .report import write_all
-            write_all(report, out_dir, chart=chart)
+            charted = write_all(report, out_dir, chart=chart)
             log(f"bench: wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}"
-                + (f", {out_dir / 'throughput.png'}" if chart else ""))
+                + (f", {out_dir / 'throughput.png'}" if charted else
+                   " (no chart: matplotlib is not installed)" if chart else ""))
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,6 +17,19 @@ def _x(v):
     return "–" if v is None else f"{v:.2f}×"
 
 
+def _uncertain_cell(par: dict) -> str:
+    """"u (f missed)": results flagged uncertain by the near-tie rule, and label flips it missed."""
+    if "uncertain" not in par:
+        return "–"
+    return f"{par['uncertain']}" + (f" ({par['flips_not_uncertain']} flips unflagged)" if par.get("flips_not_uncertain") else "")
+
+
+def _by_source_cell(par: dict) -> str:
+    """Per-source top-1 agreement, e.g. "nih 123/124, cohen 56/56"."""
+    bs = par.get("by_source") or {}
+    return ", ".join(f"{k} {v['n'] - v['disagreements']}/{v['n']}" for k, v in bs.items()) or "–"
+
+
 def _gate_cell(c):
     g = c["results"].get("gate_bench")
     bench = "" if not g else (" / bench PASS" if g["passed"] else " / bench FAIL")
@@ -132,8 +145,9 @@ def markdown(report: dict) -> str:
 
     # parity detail
     L += ["## Parity vs torch fp32 (same tensors)", "",
-          "| combination | n | top-1 agree | max |Δp| | mean |Δp| | accuracy | Δacc pp | recall Δ pp per class | bench gate |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| combination | n | top-1 agree | max |Δp| | mean |Δp| | accuracy | Δacc pp | recall Δ pp per class | uncertain | "
+          "agree per source | bench gate |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in recs:
         par = c["results"].get("parity")
         if not par:
@@ -143,7 +157,8 @@ def markdown(report: dict) -> str:
         gate = "PASS" if g.get("passed") else ("FAIL: " + "; ".join(g.get("failures", [])))
         L.append(f"| {c['key']} | {par['n']} | {_pct(par['top1_agreement'], 2)} | {par['max_abs_dp']:.2e} | "
                  f"{par['mean_abs_dp']:.2e} | {_pct(par.get('accuracy'))} | "
-                 f"{_f(100 * par['accuracy_delta'] if 'accuracy_delta' in par else None, '{:+.2f}')} | {rd} | {gate} |")
+                 f"{_f(100 * par['accuracy_delta'] if 'accuracy_delta' in par else None, '{:+.2f}')} | {rd} | "
+                 f"{_uncertain_cell(par)} | {_by_source_cell(par)} | {gate} |")
     L += [""]
 
     # not measured / failed
@@ -263,4 +278,8 @@ def write_all(report: dict, out_dir: Path, chart: bool = True):
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
     if chart:
-        draw_chart(report, out_dir / "throughput.png")
+        try:
+            draw_chart(report, out_dir / "throughput.png")
+        except ImportError:      # an edge install has no matplotlib: the tables are the report
+            return False
+    return chart
