@@ -6,18 +6,23 @@ depth; float in 0..1). Files: JPEG, PNG (8/16-bit, palette, RGBA), TIFF, BMP, an
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
+import struct
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .inputs import Pixels, describe
+
 # Decompression-bomb guard: chest radiographs are at most ~4300 x 4300 (about 18.5 MP); allow
 # generous headroom but refuse headers that would allocate gigabytes.
-MAX_PIXELS = 60_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MAX_PIXELS = 60_000_000   # checked here against every header; Pillow's own process-wide limit is left alone
 
 DICOM_MAGIC_OFFSET = 128
 _EXIF_ORIENTATION = 0x0112
@@ -40,10 +45,184 @@ def _is_dicom(head: bytes) -> bool:
     return len(head) >= DICOM_MAGIC_OFFSET + 4 and head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
+# Groups a DICOM data set written without preamble and file meta (DICOMDIR exports name such files
+# IM000001 and the like) starts with: file meta itself, or the first identifying/patient/image groups.
+_RAW_FIRST_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD",
+        b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
+        b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+
+
+def _raw_dicom_encoding(head: bytes) -> str | None:
+    """For a data set without the 128-byte preamble and "DICM": how its first element is encoded
+    ("implicit little", "explicit little", "explicit big"), or None when the bytes do not start like
+    a DICOM data element. Used to sniff such files whatever their name, and bytes inputs."""
+    if len(head) < 8:
+        return None
+    for order, label in (("<", "little"), (">", "big")):
+        group, elem = struct.unpack(order + "HH", head[:4])
+        if group not in _RAW_FIRST_GROUPS or elem > 0x1FFF:
+            continue
+        if head[4:6] in _VRS:
+            return f"explicit {label}"
+        if order == "<":
+            length = struct.unpack("<I", head[4:8])[0]
+            if length < 0x10000 and elem != 0 or (elem == 0 and length == 4):
+                return "implicit little"
+    return None
+
+
 def decode(item, min_side: int | None = None, bits_stored: int | None = None) -> Decoded:
-    """Decode one input. `min_side` lets JPEG draft mode shrink big files to >= that size."""
+    """Decode one input (path, bytes, PIL image, numpy array) -> Decoded (float32 H x W, 0..1).
+
+    `min_side` lets JPEG draft mode shrink big files to >= that size; `bits_stored` scales uint16
+    arrays. Raises DecodeError (message: the input's name, then the cause) for every bad input,
+    whatever the decoder library raised; never returns NaN or infinity. Library warnings raised
+    while decoding (Pillow, pydicom, the JPEG plugins, numpy) and header contradictions found here
+    are not printed: they are returned in `meta["warnings"]` (list of str, each naming the input).
+    """
     if isinstance(item, Decoded):
         return item
+    name = describe(item)
+    with _collect_warnings() as caught:
+        try:
+            d = _decode_any(item, min_side, bits_stored)
+            _check_finite(d.pixels, name)
+        except DecodeError:
+            raise
+        except MemoryError:
+            raise DecodeError(f"{name}: out of memory while decoding") from None
+        except RecursionError:
+            raise DecodeError(f"{name}: malformed file (nesting too deep to decode)") from None
+        except Exception as e:  # any decoder library, any bad file: one error naming input and cause
+            raise DecodeError(f"{name}: cannot decode ({type(e).__name__}: {_first_line(e)})") from None
+    if caught:
+        w = d.meta.setdefault("warnings", [])
+        w.extend(f"{name}: {m}" for m in caught if f"{name}: {m}" not in w)
+    return d
+
+
+BYTES_PER_PIXEL = 24   # decode working set per pixel, measured upper bound (16-bit / DICOM: stored + float64 LUT + float32)
+
+
+def estimate_bytes(item) -> int:
+    """Working memory decode() + preprocess will need for `item`, in bytes, from its header only
+    (Pillow's lazy open, or the DICOM header without pixel data): pixels x BYTES_PER_PIXEL, capped
+    at the pixel limit. Unreadable headers estimate small (decode refuses them quickly). Never raises."""
+    with _collect_warnings():
+        try:
+            return min(_estimate_pixels(item), MAX_PIXELS) * BYTES_PER_PIXEL
+        except Exception:
+            return 1 << 20
+
+
+def _estimate_pixels(item) -> int:
+    if isinstance(item, np.ndarray):
+        return max(1, item.size)
+    if isinstance(item, Image.Image):
+        return item.size[0] * item.size[1]
+    if isinstance(item, Decoded):
+        return 0
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(item))
+        head = bytes(item[:DICOM_MAGIC_OFFSET + 4])
+    else:
+        src = Path(item)
+        head = _read_head(src, DICOM_MAGIC_OFFSET + 4)
+    if _is_dicom(head) or _raw_dicom_encoding(head[:16]) or (not isinstance(src, io.BytesIO)
+                                                            and src.suffix.lower() in (".dcm", ".dicom")):
+        import pydicom
+        ds = pydicom.dcmread(src, stop_before_pixels=True, force=True,
+                             specific_tags=["Rows", "Columns", "SamplesPerPixel", "NumberOfFrames"])
+        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+    with Image.open(src) as im:
+        return im.size[0] * im.size[1]
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0].rstrip(": ")[:300] if msg else type(e).__name__
+
+
+def _check_finite(pixels: np.ndarray, name: str) -> None:
+    """The one NaN/infinity rule, for every path: refuse (no pixel value can be trusted once a
+    decoder produced a non-finite one, and a NaN would silently turn into a label)."""
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        bad = int(pixels.size - np.isfinite(pixels).sum())
+        raise DecodeError(f"{name}: pixels contain NaN or infinity ({bad:,} of {pixels.size:,} values)")
+
+
+# -- warnings: collected per decoding thread, returned with the result -------------------------------
+# warnings.catch_warnings() swaps process-wide state and is not thread-safe (the classifier decodes in
+# a thread pool), and the default filters show a warning only once per code location, so the second
+# file with the same problem would say nothing. Instead `warnings.warn` is wrapped once: while the
+# calling thread is inside decode(), a warning goes to that thread's list (never to stderr); in every
+# other thread, or outside decode(), the original function runs unchanged. pydicom also logs its
+# warnings on the "pydicom" logger; a handler collects those the same way (and de-duplicates).
+_tls = threading.local()
+_NOT_COLLECTED = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning, FutureWarning)
+_install_lock = threading.Lock()
+_original_warn = None
+
+
+def _patched_warn(message, category=None, stacklevel=1, source=None, **kw):
+    sink = getattr(_tls, "sink", None)
+    if isinstance(message, Warning):
+        category = type(message)
+    if sink is None or (isinstance(category, type) and (issubclass(category, _NOT_COLLECTED)
+                                                        or category.__name__ == "DependencyWarning")):
+        # not decoding, or an import-time / deprecation notice of some library: the normal filters apply
+        return _original_warn(message, category, stacklevel + 1, source, **kw)
+    text = str(message.args[0] if isinstance(message, Warning) and message.args else message)
+    cat = category.__name__ if isinstance(category, type) else type(message).__name__ if isinstance(message, Warning) else "UserWarning"
+    _add_warning(sink, text if cat == "UserWarning" else f"{cat}: {text}")
+
+
+def _add_warning(sink: list, text: str) -> None:
+    text = " ".join(text.split())[:500]
+    if text and text not in sink and not any(text in s or s in text for s in sink):
+        sink.append(text)
+
+
+class _LogToSink(logging.Handler):
+    def emit(self, record):
+        sink = getattr(_tls, "sink", None)
+        if sink is not None and record.levelno >= logging.WARNING:
+            try:
+                _add_warning(sink, record.getMessage())
+            except Exception:
+                pass
+
+
+def _install_warning_hooks():
+    global _original_warn
+    with _install_lock:
+        if _original_warn is None:
+            _original_warn = warnings.warn
+            warnings.warn = _patched_warn
+            logging.getLogger("pydicom").addHandler(_LogToSink())
+
+
+class _collect_warnings:
+    """Context manager: warnings raised in this thread while inside go to the returned list."""
+    def __enter__(self) -> list:
+        _install_warning_hooks()
+        self.outer = getattr(_tls, "sink", None)
+        _tls.sink = self.outer if self.outer is not None else []   # nested decode(): the outer list
+        return _tls.sink
+
+    def __exit__(self, *exc):
+        if self.outer is None:
+            _tls.sink = None
+        return False
+
+
+def _decode_any(item, min_side: int | None, bits_stored: int | None) -> Decoded:
+    if isinstance(item, Decoded):
+        return item
+    if isinstance(item, Pixels):
+        px = from_array(np.asarray(item.array), item.bits_stored, item.name)
+        return Decoded(1.0 - px if item.monochrome1 else px, item.name, (px.shape[1], px.shape[0]))
     if isinstance(item, np.ndarray):
         return Decoded(from_array(item, bits_stored), "<array>", (item.shape[1], item.shape[0]) if item.ndim >= 2 else (0, 0))
     if isinstance(item, Image.Image):
@@ -52,7 +231,7 @@ def decode(item, min_side: int | None = None, bits_stored: int | None = None) ->
         data = bytes(item)
         if not data:
             raise DecodeError("<bytes>: empty input")
-        if _is_dicom(data[:DICOM_MAGIC_OFFSET + 4]):
+        if _is_dicom(data[:DICOM_MAGIC_OFFSET + 4]) or _raw_dicom_encoding(data[:16]):
             return _decode_dicom(io.BytesIO(data), "<bytes>")
         return _decode_pillow(io.BytesIO(data), "<bytes>", min_side)
     if isinstance(item, (str, os.PathLike)):
@@ -70,36 +249,43 @@ def decode(item, min_side: int | None = None, bits_stored: int | None = None) ->
             raise DecodeError(f"{name}: empty file (0 bytes)")
         with open(path, "rb") as f:
             head = f.read(DICOM_MAGIC_OFFSET + 4)
-        if _is_dicom(head) or path.suffix.lower() in (".dcm", ".dicom"):
+        if _is_dicom(head) or _raw_dicom_encoding(head[:16]) or path.suffix.lower() in (".dcm", ".dicom"):
             return _decode_dicom(path, name)
         return _decode_pillow(path, name, min_side)
     raise DecodeError(f"unsupported input type {type(item).__name__}")
 
 
 # -- arrays ------------------------------------------------------------------------------------
-def from_array(a: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
+def from_array(a: np.ndarray, bits_stored: int | None = None, name: str = "<array>") -> np.ndarray:
+    """numpy pixels -> float32 H x W 0..1. uint8 (/255); uint16 with `bits_stored` (/(2^bits - 1));
+    float in 0..1 (NaN/infinity refused, like every other path); H x W x 3/4 via ITU-R 601 luma.
+    Either byte order is accepted (a big-endian '>u2' array is byte-swapped to native first).
+    Raises DecodeError naming the shape/dtype problem."""
+    if a.dtype.byteorder not in ("=", "|") and a.dtype.byteorder != np.dtype(a.dtype.type).byteorder:
+        a = a.astype(a.dtype.newbyteorder("="))       # '>u2' from a big-endian file or network buffer
     if a.ndim == 3 and a.shape[2] in (3, 4):
         a = a[..., :3]
         if a.dtype == np.uint8:
             return _rgb8_to_gray(a)
         a = a.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if a.ndim != 2:
-        raise DecodeError(f"<array>: expected H x W (or H x W x 3) pixels, got shape {a.shape}")
+        raise DecodeError(f"{name}: expected H x W (or H x W x 3) pixels, got shape {a.shape}")
     if a.dtype == np.uint8:
         return (a.astype(np.float32) / np.float32(255.0))
     if a.dtype == np.uint16:
         if bits_stored is None:
-            raise DecodeError("<array>: uint16 pixels need bits_stored (e.g. 12 for a 12-bit detector)")
+            raise DecodeError(f"{name}: uint16 pixels need their bit depth: pass cxr_edge.Pixels(array, bits_stored=12) "
+                              "(12 for a 12-bit detector)")
         if not 1 <= bits_stored <= 16:
-            raise DecodeError(f"<array>: bits_stored must be 1..16, got {bits_stored}")
+            raise DecodeError(f"{name}: bits_stored must be 1..16, got {bits_stored}")
         return (a.astype(np.float32) / np.float32((1 << bits_stored) - 1)).clip(0, 1)
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
-            raise DecodeError("<array>: float pixels contain NaN or infinity")
+            raise DecodeError(f"{name}: float pixels contain NaN or infinity")
         if a.size and (a.min() < -1e-6 or a.max() > 1 + 1e-6):
-            raise DecodeError(f"<array>: float pixels must lie in 0..1, got {a.min():.3g}..{a.max():.3g}")
+            raise DecodeError(f"{name}: float pixels must lie in 0..1, got {a.min():.3g}..{a.max():.3g}")
         return a.astype(np.float32).clip(0, 1)
-    raise DecodeError(f"<array>: unsupported dtype {a.dtype} (use uint8, uint16 with bits_stored, or float 0..1)")
+    raise DecodeError(f"{name}: unsupported dtype {a.dtype} (use uint8, uint16 with bits_stored, or float 0..1)")
 
 
 def _rgb8_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -124,10 +310,73 @@ def _decode_pillow(fp, name: str, min_side: int | None) -> Decoded:
         m = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(m.group(1)):,} pixels" if m else "image size"
         raise DecodeError(f"{name}: {size} exceeds the decompression-bomb limit of {MAX_PIXELS:,}") from None
-    except UnidentifiedImageError:
-        raise DecodeError(f"{name}: not a recognised image file (JPEG, PNG, TIFF, BMP or DICOM)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"{name}: corrupt or truncated image ({e})") from None
+    except (UnidentifiedImageError, OSError) as e:
+        head = fp.getvalue()[:2] if isinstance(fp, io.BytesIO) else _read_head(fp, 2)
+        if head == b"\xff\xd8" and _pillow_cannot(fp):
+            # 12-bit lossy, lossless (SOF3) and JPEG-LS files: Pillow's libjpeg has 8-bit baseline/progressive only
+            return _decode_jpeg_plugin(fp.getvalue() if isinstance(fp, io.BytesIO) else Path(fp).read_bytes(), name, e)
+        if isinstance(e, UnidentifiedImageError):
+            raise DecodeError(f"{name}: not a recognised image file (JPEG, PNG, TIFF, BMP or DICOM)") from None
+        raise DecodeError(f"{name}: corrupt or truncated image ({_first_line(e)})") from None
+    except (SyntaxError, ValueError, EOFError, TypeError, NotImplementedError, IndexError, KeyError, struct.error,
+            ZeroDivisionError) as e:   # Pillow plugins raise these on malformed headers (e.g. PNG interlace method 2)
+        raise DecodeError(f"{name}: corrupt or truncated image ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _pillow_cannot(fp) -> bool:
+    """True for a JPEG whose frame header is one Pillow does not decode (not 8-bit, or lossless / JPEG-LS):
+    those go to the pylibjpeg plugins; a broken 8-bit baseline file keeps Pillow's own message."""
+    from . import streams
+    data = fp.getvalue()[:1 << 20] if isinstance(fp, io.BytesIO) else _read_head(fp, 1 << 20)
+    try:
+        info = streams.jpeg_info(data)
+    except streams.StreamError:
+        return False
+    return info.kind == "jpeg-ls" or info.precision != 8 or "lossless" in info.process or "differential" in info.process
+
+
+def _read_head(path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _decode_jpeg_plugin(data: bytes, name: str, pillow_error: Exception) -> Decoded:
+    """JPEG that Pillow cannot open (12-bit lossy, 16-bit lossless, JPEG-LS) -> Decoded, through the
+    pylibjpeg decoders of the dicom extra. The stream's own SOF header is checked first (size limit,
+    height 0); samples scale by the stream's precision (a P-bit sample / (2^P - 1))."""
+    from . import streams
+    try:
+        info = streams.jpeg_info(data)
+    except streams.StreamError as e:
+        raise DecodeError(f"{name}: corrupt JPEG ({e})") from None
+    if info.width * info.height > MAX_PIXELS:
+        raise DecodeError(f"{name}: {info.width}x{info.height} pixels exceeds the decompression-bomb limit of {MAX_PIXELS:,}")
+    what = f"{info.precision}-bit {info.process} {'JPEG-LS' if info.kind == 'jpeg-ls' else 'JPEG'}"
+    try:
+        if info.kind == "jpeg-ls":
+            from jpeg_ls import decode as _dec          # pyjpegls
+        else:
+            from libjpeg import decode as _dec          # pylibjpeg-libjpeg
+    except ImportError:
+        raise DecodeError(f"{name}: {what} is not supported by Pillow ({_first_line(pillow_error)}); "
+                          f"install the dicom extra to decode it: pip install 'cxr-edge[dicom]'") from None
+    try:
+        a = np.asarray(_dec(np.frombuffer(data, np.uint8) if info.kind == "jpeg-ls" else data))
+    except Exception as e:
+        raise DecodeError(f"{name}: corrupt {what} ({type(e).__name__}: {_first_line(e)})") from None
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.shape[:2] != (info.height, info.width):
+        raise DecodeError(f"{name}: decoded {a.shape[1]}x{a.shape[0]} pixels, the stream header says {info.width}x{info.height}")
+    scale = np.float32((1 << info.precision) - 1)
+    if a.ndim == 3:
+        gray = (a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / scale
+    else:
+        gray = a.astype(np.float32) / scale
+    meta = {"format": "JPEG", "mode": f"{info.precision}-bit", "bits": info.precision, "process": info.process,
+            "decoder": "pyjpegls" if info.kind == "jpeg-ls" else "pylibjpeg-libjpeg"}
+    gray = np.ascontiguousarray(gray.clip(0, 1), dtype=np.float32)
+    return Decoded(gray, name, (info.width, info.height), meta)
 
 
 def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
@@ -162,6 +411,7 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
         gray = (a.astype(np.float32) / np.float32(65535.0)).clip(0, 1)
     elif mode == "F":
         a = np.asarray(img, dtype=np.float32)
+        _check_finite(a, name)   # the min/max scaling below would spread one NaN/inf over every pixel
         lo, hi = float(a.min()), float(a.max())
         gray = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     elif mode == "L":
@@ -202,39 +452,176 @@ def _missing_plugin_hint(ts) -> str:
     return f" - no installed pixel-data plugin decodes it (needs one of: {needs}); {install}"
 
 
-def _voi_lut(values: np.ndarray, item, ds) -> np.ndarray:
-    """VOI LUT (PS3.3 C.11.2.1.1) -> 0..1. pydicom's apply_voi indexes through an array of the LUT's
-    own entry type (8-bit LUTs wrap indices >= 256), so the lookup is done here."""
-    desc = [int(v) for v in item.LUTDescriptor]
-    n = desc[0] or 65536
-    first = desc[1]
-    if first >= 32768 and int(ds.get("PixelRepresentation", 0)) == 1:
-        first -= 65536   # first mapped value is signed (SS) for signed pixel data
-    out_bits = desc[2]
-    data = item.LUTData
-    if isinstance(data, (bytes, bytearray)):
-        little = getattr(ds, "is_little_endian", None)
-        if little is None:
-            little = True
-        lut = np.frombuffer(data, dtype="<u2" if little else ">u2")
+# The stored value -> 0..1 mapping (modality, VOI LUT / window, MONOCHROME1) lives in dicom_lut.
+
+
+def _no_force(msg: str) -> str:
+    """pydicom's messages suggest `force=True`, an option neither our CLI nor our API has."""
+    return re.sub(r"\s*[.,;]?\s*(Use|use|set|Set)?\s*(the )?`?force=True`?[^.]*\.?", "", msg).strip() or msg
+
+
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+_MAX_INFLATED = MAX_PIXELS * 8 + (64 << 20)      # the largest data set a deflated file may expand to
+
+
+def _read_dataset(pydicom, fp, name: str):
+    """dcmread, plus: bare data sets without preamble/"DICM"/file meta (read with force=True, the
+    encoding guessed by pydicom from the first element), a bounded inflate check for Deflated
+    Explicit VR files (a zip bomb would otherwise expand in memory unchecked), and messages that
+    never tell the user to "use force=True"."""
+    from pydicom.errors import InvalidDicomError
+
+    def read_head(n):
+        if isinstance(fp, io.BytesIO):
+            return fp.getvalue()[:n]
+        with open(fp, "rb") as f:
+            return f.read(n)
+
+    head = read_head(1 << 16)
+    if _DEFLATED in head:
+        _check_inflated_size(fp, name)
+    try:
+        ds = pydicom.dcmread(fp)
+    except InvalidDicomError:
+        enc = _raw_dicom_encoding(head[:16])
+        if enc is None:
+            raise DecodeError(f"{name}: not a readable DICOM file (no DICOM preamble and 'DICM' prefix, and the data "
+                              "does not start with a DICOM data element)") from None
+        if isinstance(fp, io.BytesIO):
+            fp.seek(0)
+        try:
+            ds = pydicom.dcmread(fp, force=True)
+        except Exception as e:
+            raise DecodeError(f"{name}: not a readable DICOM file (data set without preamble, {enc} endian: "
+                              f"{type(e).__name__}: {_no_force(_first_line(e))})") from None
+        warnings.warn(f"no DICOM preamble or file meta: read as a bare data set ({enc} endian)")
+    except Exception as e:  # pydicom raises many types for malformed files
+        raise DecodeError(f"{name}: not a readable DICOM file ({type(e).__name__}: {_no_force(_first_line(e))})") from None
+    return ds
+
+
+def _check_inflated_size(fp, name: str) -> None:
+    import zlib
+    data = fp.getvalue() if isinstance(fp, io.BytesIO) else Path(fp).read_bytes()
+    # the deflated part starts after the file meta; find it by trying from each plausible offset is
+    # costly, so inflate from the first offset that inflates (file meta ends within the first 64 KB)
+    start = data.find(_DEFLATED)
+    for off in range(start, min(len(data), start + 4096)):
+        z = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            out = len(z.decompress(data[off:off + 65536], 1 << 20))
+        except zlib.error:
+            continue
+        if out == 0:
+            continue
+        total, rest = out, z.unconsumed_tail + data[off + 65536:]
+        while rest and total <= _MAX_INFLATED:
+            chunk = z.decompress(rest, 1 << 24)
+            total += len(chunk)
+            rest = z.unconsumed_tail
+            if not chunk and not rest:
+                break
+        if total > _MAX_INFLATED:
+            raise DecodeError(f"{name}: deflated data set expands to more than {_MAX_INFLATED:,} bytes "
+                              f"(from {len(data):,}); refused as a decompression bomb")
+        return
+
+
+_TS_KIND = {"1.2.840.10008.1.2.5": "rle", "1.2.840.10008.1.2.4.80": "jpeg-ls", "1.2.840.10008.1.2.4.81": "jpeg-ls"}
+_TS_KIND.update({f"1.2.840.10008.1.2.4.{n}": "jpeg" for n in range(50, 71)})
+_TS_KIND.update({f"1.2.840.10008.1.2.4.{n}": "jpeg2000" for n in (90, 91, 92, 93, 201, 202, 203)})
+
+
+def _check_pixel_stream(pydicom, ds, name: str, rows: int, cols: int, photometric: str):
+    """Check the pixel data against the header BEFORE any decoder runs; return the transfer syntax
+    to decode with (set into ds.file_meta when it had to be guessed or corrected).
+
+    Encapsulated data: the first frame's own header (JPEG SOFn, JPEG-LS SOF55, JPEG 2000 SIZ, RLE
+    segment table) must parse, stay within MAX_PIXELS, match Rows x Columns and SamplesPerPixel.
+    A transfer syntax that names another format than the stream is corrected (warning); a missing
+    one (no file meta) is guessed from the stream, or for native data from the encoding the data
+    set was read with (warning). Raises DecodeError naming the mismatch."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from . import streams
+
+    fm = getattr(ds, "file_meta", None)
+    ts = fm.get("TransferSyntaxUID") if fm is not None else None
+    raw_pi = str(ds.get("PhotometricInterpretation", "") or "")
+    if raw_pi and raw_pi != photometric and raw_pi.strip().upper() == photometric.strip():
+        warnings.warn(f"PhotometricInterpretation {raw_pi!r} is not upper case; read as {photometric.strip()}")
+        ds.PhotometricInterpretation = photometric.strip()
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits_alloc = int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError) as e:
+        raise DecodeError(f"{name}: malformed image header ({e})") from None
+    if photometric.startswith("MONOCHROME") and samples != 1:
+        raise DecodeError(f"{name}: header says {photometric} but {samples} samples per pixel; a grayscale "
+                          "image has 1 (refusing rather than guessing which sample is the radiograph)")
+    elem = ds["PixelData"]
+    encapsulated = bool(getattr(elem, "is_undefined_length", False)) or bool(ts and UID(ts).is_encapsulated)
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    little = True if little is None else little
+    guessed = info = None
+    if not encapsulated:
+        if ts is None:
+            guessed = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     else:
-        lut = np.atleast_1d(np.asarray(data, dtype=np.float64))
-    if lut.size < n:
-        raise ValueError(f"VOI LUT has {lut.size} entries, its descriptor says {n}")
-    idx = np.clip(np.rint(values) - first, 0, n - 1).astype(np.intp)
-    return (lut[:n].astype(np.float64)[idx] / ((1 << out_bits) - 1)).clip(0, 1)
-
-
-def _window(values: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
-    """VOI window (PS3.3 C.11.2.1.2/3) -> 0..1."""
-    if function == "SIGMOID":
-        with np.errstate(over="ignore"):  # exp overflow far below the window is 0, as it should be
-            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
-    if function == "LINEAR_EXACT":
-        return ((values - c) / w + 0.5).clip(0, 1)
-    if w == 1:  # LINEAR with width 1 is a threshold (the formula's w - 1 would divide by zero)
-        return (values >= c - 0.5).astype(np.float64)
-    return ((values - (c - 0.5)) / (w - 1) + 0.5).clip(0, 1)
+        value = elem.value
+        if not isinstance(value, (bytes, bytearray)):
+            raise DecodeError(f"{name}: encapsulated pixel data is not a byte string")
+        try:
+            frame = streams.encapsulated_frame(bytes(value), little)
+            kind = streams.sniff(frame)
+            declared = _TS_KIND.get(str(ts)) if ts else None
+            if kind is None and (declared == "rle" or (ts is None and len(frame) >= 64
+                                                       and frame[4:8] == b"\x40\x00\x00\x00")):
+                info = streams.rle_info(frame, samples * ((bits_alloc + 7) // 8))
+            elif kind in ("jpeg", "jpeg-ls"):
+                info = streams.jpeg_info(frame)
+            elif kind == "jpeg2000":
+                info = streams.j2k_info(frame)
+            else:
+                raise streams.StreamError(f"the first fragment does not start like any compressed format "
+                                          f"the header could mean (transfer syntax {ts or 'missing'})")
+        except streams.StreamError as e:
+            raise DecodeError(f"{name}: compressed pixel data refused before decoding: {e}") from None
+        if info.kind != "rle":
+            if info.width * info.height > MAX_PIXELS:
+                raise DecodeError(f"{name}: the {info.kind} stream declares {info.width}x{info.height} pixels, over the "
+                                  f"decompression-bomb limit of {MAX_PIXELS:,} (header says {cols}x{rows})")
+            if (info.width, info.height) != (cols, rows):
+                raise DecodeError(f"{name}: the {info.kind} stream declares {info.width}x{info.height} pixels but the "
+                                  f"header says Columns x Rows = {cols}x{rows}")
+            if info.components != samples:
+                what = "colour (e.g. YCbCr/RGB)" if info.components == 3 else f"{info.components}-component"
+                raise DecodeError(f"{name}: the {info.kind} stream holds {info.components} components ({what}) but the "
+                                  f"header says {samples} sample(s) per pixel, {photometric}; refusing rather than "
+                                  "guessing which is right")
+            if info.precision is not None:
+                try:
+                    declared_bits = int(ds.get("BitsStored", info.precision))
+                except (TypeError, ValueError):
+                    declared_bits = info.precision
+                if declared_bits != info.precision:
+                    warnings.warn(f"BitsStored {declared_bits} but the {info.kind} stream's own precision is "
+                                  f"{info.precision} bits")
+        if declared is not None and declared != info.kind:
+            warnings.warn(f"transfer syntax {getattr(ts, 'name', ts)} names {declared} but the pixel data is "
+                          f"{info.kind}; decoded as {info.kind}")
+            guessed = info.transfer_syntax
+        elif ts is None:
+            guessed = info.transfer_syntax
+    if guessed:
+        if fm is None:
+            ds.file_meta = fm = FileMetaDataset()
+        if ts is None:
+            warnings.warn(f"no transfer syntax in the file: decoded as {UID(guessed).name}, from the data")
+        ds.file_meta.TransferSyntaxUID = UID(guessed)
+        ts = ds.file_meta.TransferSyntaxUID
+    return ts, info
 
 
 def _decode_dicom(fp, name: str) -> Decoded:
@@ -247,10 +634,7 @@ def _decode_dicom(fp, name: str) -> Decoded:
             from pydicom.pixel_data_handlers.util import apply_modality_lut
         except ImportError:
             raise DecodeError(f"{name}: DICOM support needs pydicom: pip install 'cxr-edge[dicom]'") from None
-    try:
-        ds = pydicom.dcmread(fp)
-    except Exception as e:  # pydicom raises many types for malformed files
-        raise DecodeError(f"{name}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    ds = _read_dataset(pydicom, fp, name)
     modality = str(ds.get("Modality", "")).upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
         raise DecodeError(f"{name}: modality {modality} is not a radiograph (expected CR/DX and similar)")
@@ -266,15 +650,19 @@ def _decode_dicom(fp, name: str) -> Decoded:
     if rows * cols > MAX_PIXELS:
         # Checked before any pixel buffer is allocated: a compressed stream can claim any size.
         raise DecodeError(f"{name}: {cols}x{rows} pixels exceeds the decompression-bomb limit of {MAX_PIXELS:,}")
+    if rows <= 0 or cols <= 0:
+        raise DecodeError(f"{name}: image header declares {cols}x{rows} pixels")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    # The compressed stream's own header (size, components, precision) is checked here, before any
+    # plugin allocates; files without file meta get their transfer syntax from what the data shows.
+    ts, stream = _check_pixel_stream(pydicom, ds, name, rows, cols, photometric)
     ts_name = getattr(ts, "name", str(ts))
     try:
         stored = ds.pixel_array
     except Exception as e:
         msg = str(e).strip()
         first_line = msg.splitlines()[0].rstrip(": ") if msg else type(e).__name__
-        raise DecodeError(f"{name}: cannot decode pixel data with transfer syntax {ts_name}: {first_line}"
+        raise DecodeError(f"{name}: cannot decode pixel data with transfer syntax {ts_name}: {_no_force(first_line)}"
                           f"{_missing_plugin_hint(ts) if ts is not None else ''}") from None
     try:
         bits = int(ds.get("BitsStored", 8 * stored.dtype.itemsize))
@@ -284,6 +672,9 @@ def _decode_dicom(fp, name: str) -> Decoded:
         raise DecodeError(f"{name}: BitsStored {bits} is invalid")
     meta = {"format": "DICOM", "modality": modality, "photometric": photometric, "bits_stored": bits,
             "transfer_syntax": str(ts) if ts else None}
+    if stream is not None:   # what the compressed stream itself declares (its precision may contradict BitsStored)
+        meta["stream"] = {"kind": stream.kind, "process": stream.process, "precision": stream.precision,
+                          "components": stream.components}
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # Secondary captures sometimes store colour; treat as a picture of a radiograph.
         if stored.ndim == 3 and stored.shape[-1] == 3:
@@ -299,32 +690,11 @@ def _decode_dicom(fp, name: str) -> Decoded:
     if stored.ndim != 2:
         raise DecodeError(f"{name}: expected a single 2-D image, got pixel array of shape {stored.shape}")
     try:
-        # Range of the stored values, carried through the same LUTs as the pixels, gives the scale.
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        lo_s, hi_s = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        values = apply_modality_lut(stored, ds).astype(np.float64)
-        rng = apply_modality_lut(np.array([lo_s, hi_s], dtype=stored.dtype), ds).astype(np.float64)
-        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is not None and width is not None and str(center) != "" and str(width) != "":
-            c, w = _first(center), _first(width)
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-            if (function == "LINEAR" and w < 1) or not w > 0:
-                raise DecodeError(f"{name}: window width {w} is invalid for a {function} VOI function")
-            gray = _window(values, c, w, function)
-            meta["window"] = (c, w)
-            if function != "LINEAR":
-                meta["voi_function"] = function
-        elif ds.get("VOILUTSequence"):
-            gray = _voi_lut(values, ds.VOILUTSequence[0], ds)
-            meta["voi_lut"] = True
-        else:
-            lo, hi = float(min(rng)), float(max(rng))
-            gray = ((values - lo) / (hi - lo)).clip(0, 1) if hi > lo else np.zeros_like(values)
-    except DecodeError:
-        raise
+        # One composed lookup table (modality -> VOI -> MONOCHROME1 -> 0..1 float32): dicom_lut.
+        from .dicom_lut import InvalidWindow, stored_to_gray
+        gray = stored_to_gray(stored, ds, bits, photometric, name, meta)
+    except InvalidWindow as e:
+        raise DecodeError(str(e)) from None
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise DecodeError(f"{name}: malformed grayscale transform in the DICOM header ({type(e).__name__}: {e})") from None
-    if photometric == "MONOCHROME1":
-        gray = 1.0 - gray
-    gray = gray.astype(np.float32)
     return Decoded(np.ascontiguousarray(gray), name, (gray.shape[1], gray.shape[0]), meta)

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from cxr_edge.train.metrics import classification_report  # noqa: E402
 from cxr_edge.preprocess import PreprocessSpec  # noqa: E402
 from cxr_edge import architectures as models  # noqa: E402
 from cxr_edge.train.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
-from cxr_edge.train.data import (Sample, cap_per_class, cohen_label, load_dataset, map_labels,  # noqa: E402
+from cxr_edge.train.data import (cap_per_class, cohen_label, load_dataset, map_labels,  # noqa: E402
                                  split_by_patient)
 from cxr_edge.train.experiment import (apply_overrides, list_experiments, load_experiment,  # noqa: E402
                                        prepare_splits, run_experiment)

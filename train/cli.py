@@ -4,9 +4,7 @@ Multi-GPU (or multi-process on CPU, gloo): `torchrun --standalone --nproc_per_no
 cxr-edge train EXPERIMENT ...`; the experiment's batch_size stays the global batch."""
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 from pathlib import Path
 
 
@@ -31,6 +29,10 @@ def add_parser(sub):
                    help="override the experiment's initialisation (e.g. random where no ImageNet weights exist)")
     p.add_argument("--init-path", help="local weights file for init imagenet (torchvision/timm .pth or "
                                        ".safetensors) or checkpoint (a run's best.safetensors); nothing is downloaded")
+    p.add_argument("--deadline", help="wall-clock limit (ISO-8601, UTC unless a zone is given, e.g. 2026-11-29T09:40): "
+                                      "stop after the last epoch that ends before it, keeping the best checkpoint")
+    p.add_argument("--samples-per-epoch", type=int, help="train on a random subset of N images per epoch "
+                                                           "(shorter epochs, more checkpoints on a slow CPU)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN/last.pt exists")
     p.add_argument("--hold-out", nargs="*", default=[],
                    help="image files whose patients are forced into the test split (e.g. samples/)")
@@ -60,6 +62,10 @@ def run(args) -> int:
     cfg = load_experiment(args.experiment)
     cfg = apply_overrides(cfg, args.epochs, args.image_size, args.limit, args.batch_size, args.seed,
                           in_channels=args.in_channels, init=args.init, init_path=args.init_path)
+    if getattr(args, "deadline", None):
+        cfg["deadline"] = args.deadline
+    if getattr(args, "samples_per_epoch", None):
+        cfg["samples_per_epoch"] = int(args.samples_per_epoch)
     if args.layout:
         cfg.setdefault("data", {})["layout"] = args.layout
     try:
