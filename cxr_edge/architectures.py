@@ -33,6 +33,8 @@ TIMM_SOURCE: dict[str, str] = {}   # registry name -> timm model name (filled wh
 
 
 def register(name: str):
+    """Decorator: register a backbone builder under `name` (timm-style). The builder takes
+    (torchvision/timm model or None, **options) and returns (backbone, feature channels, prefix)."""
     def deco(fn):
         _BACKBONES[name] = fn
         return fn
@@ -40,10 +42,13 @@ def register(name: str):
 
 
 def list_models() -> list[str]:
+    """Every registered architecture name, sorted."""
     return sorted(_BACKBONES)
 
 
 class CXRNet(nn.Module):
+    """backbone (N, C_in, H, W) -> feature map (N, C, h, w); head -> logits (N, K) float32."""
+
     def __init__(self, backbone: nn.Module, head: nn.Module, features_channels: int, head_name: str):
         super().__init__()
         self.backbone = backbone
@@ -52,9 +57,11 @@ class CXRNet(nn.Module):
         self.head_name = head_name
 
     def forward(self, x):
+        """(N, C_in, H, W) float32 -> (N, K) logits."""
         return self.head(self.backbone(x))
 
     def forward_with_features(self, x):
+        """(N, C_in, H, W) -> ((N, K) logits, (N, C, h, w) last feature map, for CAM)."""
         f = self.backbone(x)
         return self.head(f), f
 
@@ -66,11 +73,17 @@ class WithFeatures(nn.Module):
         self.net = net
 
     def forward(self, x):
+        """(N, C_in, H, W) -> (logits, features), the two ONNX outputs."""
         return self.net.forward_with_features(x)
 
 
 def make_head(name: str, channels: int, num_classes: int, dropout: float = 0.0, hidden: int | None = None,
               feature_hw: tuple | None = None) -> nn.Module:
+    """A classification head from the papers (see HEADS), mapping (N, channels, h, w) to (N, num_classes).
+
+    Raises:
+        ValueError: unknown head, or a Flatten head without `feature_hw` (h, w).
+    """
     gap = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     drop = [nn.Dropout(dropout)] if dropout else []
     if name == "linear":              # Yapicioglu: GAP -> (dropout) -> Dense(k)
@@ -181,6 +194,7 @@ class _Inception(nn.Module):
             "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")])
 
     def forward(self, x):
+        """(N, 3, H, W) -> (N, widths[-1], H/16, W/16)."""
         return self.body(x)
 
 
@@ -207,6 +221,7 @@ class SeparableCNN(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x):
+        """(N, 3, H, W) -> (N, widths[-1], h, w)."""
         return self.body(x)
 
 
@@ -223,6 +238,7 @@ class ImageAsFeatures(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(pool) if pool else nn.Identity()
 
     def forward(self, x):
+        """The input itself, average-pooled to pool x pool when `pool` is set."""
         return self.pool(x)
 
 

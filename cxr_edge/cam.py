@@ -49,6 +49,7 @@ class CamUnavailable(ValueError):
 # -- head weights (numpy only) -------------------------------------------------------------------
 @dataclass
 class HeadWeights:
+    """The head's dense layers as float32 numpy arrays: layers[i] = (W (out, in), b (out,))."""
     name: str                 # the head's registry name
     pooling: str              # "gap" (mean over the feature map) or "flatten"
     layers: list              # [(W (out, in) float32, b (out,) float32)], in order
@@ -253,6 +254,8 @@ class CamEngine:
         return int(explain)
 
     def torch_outputs(self, batch: np.ndarray) -> dict:
+        """Run the torch reference with Grad-CAM on (N, C, H, W) float32: {'logits' (N, K),
+        'features' (N, C', h, w), 'grad_weights' (N, K, C')} as numpy."""
         torch = self.backend.torch
         x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.backend.device)
         logits, f, w = torch_grad_cam(self.backend.net, x)

@@ -25,6 +25,8 @@ class Result:
         uncertain: True when the margin is below 2 x the p99 |Δp| measured for the running
             backend/precision against torch fp32 (the label might differ from the reference model's);
             None when no such measurement exists. Rule: cxr_edge/nearties.py.
+        warnings: list of str, each naming the input: what decode noticed but did not refuse (header
+            contradictions, guessed transfer syntax, library warnings); empty when none (decode.py).
     """
     source: str
     label: str | None = None
@@ -37,9 +39,11 @@ class Result:
     original_size: tuple | None = None
     margin: float | None = None        # top-1 minus top-2 probability (0..1); None for an error result
     uncertain: bool | None = None      # margin below the running precision's near-tie threshold (nearties.py)
+    warnings: list = field(default_factory=list)   # str each, naming the input: header contradictions, decoder warnings
 
     @property
     def ok(self) -> bool:
+        """True when the input was classified (no error)."""
         return self.error is None
 
     @property

@@ -52,6 +52,7 @@ class Progress:
             self._bar.update(1)
 
     def close(self):
+        """End the bar (leaves its last state on screen)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
