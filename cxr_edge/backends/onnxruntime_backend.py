@@ -10,8 +10,17 @@ from .base import Backend, BackendError, register
 @register
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    precisions = ("fp32", "int8")
-    devices = ("cpu", "cuda")
+
+    @classmethod
+    def target_device(cls, precision, options=None):
+        """cuda when ONNX Runtime has its CUDA provider and options do not ask for the CPU."""
+        if (options or {}).get("device", "auto") == "cpu":
+            return "cpu"
+        try:
+            import onnxruntime as ort
+            return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        except ImportError:
+            return "cpu"
 
     @classmethod
     def available(cls):

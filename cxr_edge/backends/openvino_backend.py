@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import queue
 
@@ -15,8 +16,6 @@ _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 @register
 class OpenVINOBackend(Backend):
     name = "openvino"
-    precisions = ("fp32", "bf16", "fp16", "int8")
-    devices = ("cpu",)
     supports_async = True
 
     @classmethod
@@ -34,6 +33,7 @@ class OpenVINOBackend(Backend):
         return True, f"openvino {ov.__version__}, devices {', '.join(devices)}"
 
     @classmethod
+    @functools.lru_cache(maxsize=None)  # a CPU's capabilities do not change while running
     def supported_hints(cls) -> set:
         import openvino as ov
         try:
@@ -46,6 +46,22 @@ class OpenVINOBackend(Backend):
         if "FP16" in caps:
             hints.add("f16")
         return hints
+
+    @classmethod
+    def supports(cls, precision, options=None):
+        """bf16/fp16 need the CPU to report BF16/FP16 in OPTIMIZATION_CAPABILITIES (formats.RUNS
+        capability): emulated, they are slower than fp32 and not what the user asked for."""
+        ok, why = super().supports(precision, options)
+        if not ok:
+            return ok, why
+        from ..formats import run
+        cap = run(cls.name, precision).capability
+        if cap is None:
+            return True, ""
+        hint = run(cls.name, precision).hint
+        if hint in cls.supported_hints():
+            return True, ""
+        return False, f"no native {precision} on this CPU (OpenVINO CPU capabilities lack {cap})"
 
     def __init__(self, package, artifact, precision, threads=None, options=None):
         super().__init__(package, artifact, precision, threads, options)

@@ -37,9 +37,10 @@ class TorchBackend(Backend):
 
     @classmethod
     def supports(cls, precision, options=None):
-        """fp32 anywhere; fp16/bf16 on a CUDA GPU only (bf16 from compute capability 8.0)."""
+        """fp32 on the CPU; fp16/bf16 (and fp32 with options device "cuda") on a CUDA GPU only (bf16 from
+        compute capability 8.0)."""
         ok, why = super().supports(precision, options)
-        if not ok or precision == "fp32":
+        if not ok or cls.target_device(precision, options) == "cpu":
             return ok, why
         if not nvidia_gpu_present():
             return False, f"torch {precision} needs an NVIDIA GPU (CUDA); none here"
