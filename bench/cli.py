@@ -38,13 +38,63 @@ def add_parser(sub):
     p.add_argument("--timeout", type=float, help="seconds per combination before it is recorded as failed")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the markdown table")
+    p.add_argument("--workload", choices=["standard", "full-size"], default="standard",
+                   help="standard: every backend x precision on --data; full-size: the X-ray station's inputs "
+                        "(2048 x 2500 12-bit MONOCHROME1 DICOM with rescale + window, 16-bit PNG, 2 MP JPEG, built "
+                        "from --data or samples/) with the auto backend, next to the naive pydicom/torchvision/torch "
+                        "pipeline, each in its own process")
+    p.add_argument("--repetitions", type=int, default=3,
+                   help="full-size: alternating (ours, naive) repetitions; the headline is their median (default 3)")
+    p.add_argument("--images", type=int, default=4, help="full-size: pictures per input kind (default 4)")
+    p.add_argument("--compare", metavar="BASELINE.json",
+                   help="compare this run with a stored report.json; exit 2 when a throughput drops beyond "
+                        "--tolerance plus the measured run-to-run spread, a parity gate fails, or labels change; "
+                        "prints a markdown diff table (for a CI job summary)")
+    p.add_argument("--current", metavar="REPORT.json",
+                   help="with --compare: compare this stored report instead of running the benchmark")
+    p.add_argument("--tolerance", type=float, default=0.10,
+                   help="allowed relative throughput drop before the measured spread is added (default 0.10)")
     p.set_defaults(func=cmd_bench)
     return p
+
+
+def _compare(args, report) -> int:
+    from .compare import compare_files
+    try:
+        ok, md = compare_files(args.compare, report, args.tolerance)
+    except ValueError as e:
+        print(f"cxr-edge bench --compare: {e}", file=sys.stderr)
+        return 2
+    print(md)
+    return 0 if ok else 2
 
 
 def cmd_bench(args) -> int:
     from .core import run_bench
     log = lambda m: print(m, file=sys.stderr, flush=True)
+    if args.current:
+        if not args.compare:
+            print("cxr-edge bench: --current needs --compare BASELINE.json", file=sys.stderr)
+            return 2
+        try:
+            current = json.loads(open(args.current).read())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"cxr-edge bench: {args.current}: cannot read the report ({e})", file=sys.stderr)
+            return 2
+        return _compare(args, current)
+    if args.workload == "full-size":
+        from .station import markdown as fs_markdown, run_fullsize
+        if args.repetitions < 1:
+            print("cxr-edge bench: --repetitions must be >= 1", file=sys.stderr)
+            return 2
+        report = run_fullsize(model=args.model, data=args.data, out=args.out, repetitions=args.repetitions,
+                              images=args.images, e2e_images=args.e2e_images or 24, batch_size=args.e2e_batch_size,
+                              threads=args.threads, naive=not args.no_reference, log=log)
+        print(json.dumps(report, indent=2, default=float) if args.json else fs_markdown(report))
+        bad = [r[m] for r in report["repetitions"] for m in r if r[m].get("status") != "ok"]
+        if args.compare:
+            return _compare(args, report) or (1 if bad else 0)
+        return 1 if bad else 0
     report = run_bench(model=args.model, data=args.data, backends=args.backends, precisions=args.precisions,
                        batch_sizes=args.batch_sizes, quick=args.quick, out=args.out, limit=args.limit,
                        threads=args.threads, repeats=args.repeats, isolate=not args.in_process, soak=args.soak,
@@ -59,4 +109,8 @@ def cmd_bench(args) -> int:
     ref = next((r for r in report["records"] if r["reference"]), None)
     # exit 1 when a combination that should have run crashed (CI sees it); unavailable is not a failure
     crashed = [r for r in report["records"] if r["status"] == "error" and not r["forced"]]
+    if args.compare:
+        rc = _compare(args, report)
+        if rc:
+            return rc
     return 1 if crashed or (ref and ref["status"] == "error") else 0

@@ -137,11 +137,18 @@ void validate_image(const cxr_image* image, const char* what) {
 }
 
 void resize_box(int height, int width, const PreprocessSpec& spec, float box[4]) {
+    double d[4];
+    resize_box(height, width, spec, d);
+    // Python computes the box in double; Pillow's resize() parses it as C floats.
+    for (int i = 0; i < 4; ++i) box[i] = static_cast<float>(d[i]);
+}
+
+void resize_box(int height, int width, const PreprocessSpec& spec, double box[4]) {
     if (!spec.shorter_side_crop) {
-        box[0] = 0.0f;
-        box[1] = 0.0f;
-        box[2] = static_cast<float>(width);
-        box[3] = static_cast<float>(height);
+        box[0] = 0.0;
+        box[1] = 0.0;
+        box[2] = static_cast<double>(width);
+        box[3] = static_cast<double>(height);
         return;
     }
     const double scale = static_cast<double>(spec.resize_size) / std::min(height, width);
@@ -151,16 +158,17 @@ void resize_box(int height, int width, const PreprocessSpec& spec, float box[4])
     const long top = floor_div(new_h - spec.size, 2);
     const double sx = static_cast<double>(width) / new_w;
     const double sy = static_cast<double>(height) / new_h;
-    // Python computes the box in double; Pillow's resize() parses it as C floats.
-    box[0] = static_cast<float>(left * sx);
-    box[1] = static_cast<float>(top * sy);
-    box[2] = static_cast<float>((left + spec.size) * sx);
-    box[3] = static_cast<float>((top + spec.size) * sy);
+    box[0] = left * sx;
+    box[1] = top * sy;
+    box[2] = (left + spec.size) * sx;
+    box[3] = (top + spec.size) * sy;
 }
 
-void resample(const cxr_image& im, int out_w, int out_h, const float box[4], float* out) {
-    const int in_w = static_cast<int>(im.width);
-    const int in_h = static_cast<int>(im.height);
+namespace {
+
+// The resampler over any source of float rows: get_row(y, dst) writes row y's in_w values.
+template <class RowFn>
+void resample_rows(int in_w, int in_h, RowFn&& get_row, int out_w, int out_h, const float box[4], float* out) {
     std::vector<float> row(static_cast<std::size_t>(in_w));
 
     // _imaging.c: an integer box exactly the output size is a crop, not a resample.
@@ -169,7 +177,7 @@ void resample(const cxr_image& im, int out_w, int out_h, const float box[4], flo
         const int x0 = static_cast<int>(box[0]);
         const int y0 = static_cast<int>(box[1]);
         for (int y = 0; y < out_h; ++y) {
-            convert_row(im, y0 + y, row.data());
+            get_row(y0 + y, row.data());
             std::copy(row.begin() + x0, row.begin() + x0 + out_w, out + static_cast<std::size_t>(y) * out_w);
         }
         return;
@@ -192,10 +200,10 @@ void resample(const cxr_image& im, int out_w, int out_h, const float box[4], flo
     for (int y = 0; y < rows; ++y) {
         float* dst = &tmp[static_cast<std::size_t>(y) * tmp_w];
         if (!need_h) {
-            convert_row(im, y + y_first, dst);
+            get_row(y + y_first, dst);
             continue;
         }
-        convert_row(im, y + y_first, row.data());
+        get_row(y + y_first, row.data());
         for (int xx = 0; xx < out_w; ++xx) {
             const int xmin = horiz.bounds[2 * xx];
             const int xmax = horiz.bounds[2 * xx + 1];
@@ -228,12 +236,86 @@ void resample(const cxr_image& im, int out_w, int out_h, const float box[4], flo
     }
 }
 
+}  // namespace
+
+void resample(const cxr_image& im, int out_w, int out_h, const float box[4], float* out) {
+    resample_rows(static_cast<int>(im.width), static_cast<int>(im.height),
+                  [&im](int y, float* dst) { convert_row(im, y, dst); }, out_w, out_h, box, out);
+}
+
+void resample_reduced(const cxr_image& im, int out_w, int out_h, const double box[4], double gap, float* out) {
+    const int in_w = static_cast<int>(im.width);
+    const int in_h = static_cast<int>(im.height);
+    // Image.resize: factor = int(box extent / size / reducing_gap) or 1, per axis
+    int fx = static_cast<int>((box[2] - box[0]) / out_w / gap);
+    int fy = static_cast<int>((box[3] - box[1]) / out_h / gap);
+    if (fx < 1) fx = 1;
+    if (fy < 1) fy = 1;
+    if (fx == 1 && fy == 1) {
+        const float fbox[4] = {static_cast<float>(box[0]), static_cast<float>(box[1]), static_cast<float>(box[2]),
+                               static_cast<float>(box[3])};
+        resample(im, out_w, out_h, fbox, out);
+        return;
+    }
+    // Image._get_safe_box: the box widened by the bilinear support (1.0 - 0.5) x scale; int()
+    // truncates toward zero as Python does.
+    const double sx = 0.5 * ((box[2] - box[0]) / out_w);
+    const double sy = 0.5 * ((box[3] - box[1]) / out_h);
+    const int rb0 = std::max(0, static_cast<int>(box[0] - sx));
+    const int rb1 = std::max(0, static_cast<int>(box[1] - sy));
+    const int rb2 = std::min(in_w, static_cast<int>(std::ceil(box[2] + sx)));
+    const int rb3 = std::min(in_h, static_cast<int>(std::ceil(box[3] + sy)));
+    // ImagingReduce over that box: the mean of each fx x fy block; blocks cut by the box's right
+    // or bottom edge average the pixels they have.
+    const int rw = (rb2 - rb0 + fx - 1) / fx;
+    const int rh = (rb3 - rb1 + fy - 1) / fy;
+    std::vector<float> reduced(static_cast<std::size_t>(rw) * rh);
+    std::vector<float> row(static_cast<std::size_t>(in_w));
+    std::vector<double> acc(static_cast<std::size_t>(rw));
+    for (int y = 0; y < rh; ++y) {
+        const int y0 = rb1 + y * fy;
+        const int y1 = std::min(y0 + fy, rb3);
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int yy = y0; yy < y1; ++yy) {
+            convert_row(im, yy, row.data());
+            for (int x = 0; x < rw; ++x) {
+                const int x0 = rb0 + x * fx;
+                const int x1 = std::min(x0 + fx, rb2);
+                double s = 0.0;
+                for (int xx = x0; xx < x1; ++xx) s += row[xx];
+                acc[x] += s;
+            }
+        }
+        float* dst = &reduced[static_cast<std::size_t>(y) * rw];
+        for (int x = 0; x < rw; ++x) {
+            const int n = (std::min(rb0 + (x + 1) * fx, rb2) - (rb0 + x * fx)) * (y1 - y0);
+            dst[x] = static_cast<float>(acc[x] / n);
+        }
+    }
+    // the box in the reduced image's coordinates (double in Python, parsed as floats by Pillow)
+    const float nbox[4] = {static_cast<float>((box[0] - rb0) / fx), static_cast<float>((box[1] - rb1) / fy),
+                           static_cast<float>((box[2] - rb0) / fx), static_cast<float>((box[3] - rb1) / fy)};
+    resample_rows(
+        rw, rh,
+        [&reduced, rw](int y, float* dst) {
+            std::copy(reduced.begin() + static_cast<std::ptrdiff_t>(y) * rw,
+                      reduced.begin() + static_cast<std::ptrdiff_t>(y + 1) * rw, dst);
+        },
+        out_w, out_h, nbox, out);
+}
+
 void preprocess(const cxr_image& image, const PreprocessSpec& spec, float* out) {
-    float box[4];
-    resize_box(static_cast<int>(image.height), static_cast<int>(image.width), spec, box);
     const std::size_t plane = static_cast<std::size_t>(spec.size) * spec.size;
     std::vector<float> resized(plane);
-    resample(image, spec.size, spec.size, box, resized.data());
+    if (spec.reducing_gap >= 1.0) {
+        double box[4];
+        resize_box(static_cast<int>(image.height), static_cast<int>(image.width), spec, box);
+        resample_reduced(image, spec.size, spec.size, box, spec.reducing_gap, resized.data());
+    } else {
+        float box[4];
+        resize_box(static_cast<int>(image.height), static_cast<int>(image.width), spec, box);
+        resample(image, spec.size, spec.size, box, resized.data());
+    }
     for (int c = 0; c < spec.channels; ++c) {
         // normalise(): float32 mean, float32(1 / float64 std), float32 arithmetic
         const float mean = static_cast<float>(spec.mean[c]);

@@ -38,6 +38,12 @@ EXTRA_SPECS = {
     "crop250_199_gray": dict(size=199, resize="shorter_side_crop", resize_size=250, channels=1,
                              mean=(0.5,), std=(0.3,)),
     "stretch320_up": dict(size=320, resize="stretch", channels=1, mean=(0.0,), std=(1.0,)),
+    # preprocessing v2: Pillow's reducing_gap (integer box pre-reduction, then the bilinear resample)
+    "stretch128_gap2": dict(size=128, resize="stretch", channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                            reducing_gap=2.0),
+    "crop250_199_gap15_gray": dict(size=199, resize="shorter_side_crop", resize_size=250, channels=1,
+                                    mean=(0.5,), std=(0.3,), reducing_gap=1.5),
+    "stretch40_gap3": dict(size=40, resize="stretch", channels=1, mean=(0.0,), std=(1.0,), reducing_gap=3.0),
 }
 
 
