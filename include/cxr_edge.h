@@ -79,6 +79,11 @@ typedef struct cxr_image {
 /* Flags for cxr_options.flags */
 #define CXR_FLAG_IGNORE_GATE 0x1u /* run an artifact even if model.json says it failed its parity gate */
 #define CXR_FLAG_THROUGHPUT 0x2u  /* OpenVINO THROUGHPUT mode (many concurrent callers); default LATENCY */
+#define CXR_FLAG_VERIFY 0x4u      /* verify on this device, before first use, a combination whose export verdict
+                                     does not carry over (bf16/fp16, every TensorRT engine): run it on the
+                                     package's reference set with the tolerances of cxr_edge/formats.py and skip
+                                     it, like a failed gate, when it fails. Such combinations need this flag (or
+                                     CXR_FLAG_IGNORE_GATE) to be chosen at all. Verdicts are cached, see cxr_verify */
 
 typedef struct cxr_options {
     uint32_t struct_size;  /* sizeof(cxr_options): set by cxr_options_init */
@@ -101,6 +106,8 @@ typedef enum cxr_property {
     CXR_PROP_INFERENCE_PRECISION = 5, /* what the runtime reports it computes in, e.g. "f32" */
     CXR_PROP_NORMAL_CLASS = 6,        /* the "no disease" class; "" when the package names none */
     CXR_PROP_DESCRIPTION = 7,         /* one line for logs */
+    CXR_PROP_VERIFICATION = 8,        /* the last verification of this model ("" before any): n, agreement,
+                                         lower bound, max |dp|, passed or why not */
     CXR_PROP_MAX_ENUM = 0x7fffffff
 } cxr_property;
 
@@ -147,6 +154,30 @@ CXR_EDGE_API cxr_status cxr_classify(cxr_model *model, const cxr_image *image, f
  * is validated before any inference runs; a bad one fails the call and names its index. */
 CXR_EDGE_API cxr_status cxr_classify_batch(cxr_model *model, const cxr_image *images, size_t count,
                                            float *probabilities, size_t capacity);
+
+/* Result of cxr_verify. Fill with cxr_verify_result_init. */
+typedef struct cxr_verify_result {
+    uint32_t struct_size;  /* sizeof(cxr_verify_result): set by cxr_verify_result_init */
+    uint32_t n;            /* reference images compared */
+    double agreement;      /* top-1 agreement with the torch fp32 reference, fraction */
+    double lower_bound;    /* its Wilson 95 % lower confidence bound */
+    double max_abs_dp;     /* max |probability difference| over all images and classes */
+    double p99_abs_dp;     /* 99th percentile over images of each image's max |dp| */
+    int32_t passed;        /* 1: within the tolerances of the model's precision (cxr_edge/formats.py) */
+    int32_t from_cache;    /* 1: read from the verdict cache instead of measured now */
+} cxr_verify_result;
+
+CXR_EDGE_API void cxr_verify_result_init(cxr_verify_result *result);
+
+/* Verify the open model on this device: run the package's reference set (reference.u16, listed in
+ * model.json) through the chosen backend/precision and compare with the torch fp32 probabilities stored
+ * with it. A failed verification still returns CXR_OK, with passed = 0; CXR_PROP_VERIFICATION says why.
+ * use_cache nonzero: reuse a verdict cached for the same artifact and reference checksums, backend,
+ * precision, runtime version and device, and cache a new one. The cache is
+ * <options.cache_dir or $CXR_EDGE_CACHE or $XDG_CACHE_HOME/cxr-edge or ~/.cache/cxr-edge>/native-verdicts/,
+ * one small text file per key, written atomically; an unreadable file is measured again.
+ * CXR_E_UNAVAILABLE: the package has no reference set. */
+CXR_EDGE_API cxr_status cxr_verify(cxr_model *model, int32_t use_cache, cxr_verify_result *result);
 
 #ifdef __cplusplus
 }

@@ -25,6 +25,8 @@ def _missing() -> str | None:
         return "no C++ compiler"
     if not any(Path(p, "nlohmann", "json.hpp").is_file() for p in ("/usr/include", "/usr/local/include")):
         return "nlohmann-json headers not found (apt-get install nlohmann-json3-dev)"
+    if not any(Path(p, "openssl", "evp.h").is_file() for p in ("/usr/include", "/usr/local/include")):
+        return "OpenSSL headers not found (apt-get install libssl-dev): the SDK verifies SHA-256 with libcrypto"
     try:
         import openvino.utils as u
         cmake_dir = Path(u.get_cmake_path())

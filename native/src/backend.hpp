@@ -34,6 +34,9 @@ public:
 // Whether OpenVINO can run `precision` on the device; when not, *why says so.
 bool openvino_supports(const std::string& precision, const Options& options, std::string* why);
 
+// "openvino <build number>": part of the native verdict cache key (verify.hpp).
+std::string openvino_runtime_version();
+
 // Compiles the artifact with OpenVINO at `precision` (fp32/bf16/fp16 set as the inference precision
 // hint, explicitly: the CPU plugin would otherwise pick bf16 by itself on AMX/AVX512-BF16 CPUs).
 // Throws cxr::Error(CXR_E_BACKEND or CXR_E_PACKAGE).
@@ -43,6 +46,8 @@ std::unique_ptr<Backend> open_openvino(const Package& pkg, const Artifact& artif
 #ifdef CXR_EDGE_HAVE_TENSORRT
 // Empty when a CUDA GPU and TensorRT >= 10 are usable, else why not.
 std::string tensorrt_unavailable_reason();
+// "tensorrt <getInferLibVersion()>": part of the native verdict cache key.
+std::string tensorrt_runtime_version();
 std::unique_ptr<Backend> open_tensorrt(const Package& pkg, const Artifact& artifact, const std::string& precision,
                                        const Options& options);
 #endif

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstddef>
 #include <limits>
 #include <memory>
@@ -15,6 +16,7 @@
 #include "common.hpp"
 #include "package.hpp"
 #include "preprocess.hpp"
+#include "verify.hpp"
 
 struct cxr_model {
     cxr::Package pkg;
@@ -24,6 +26,9 @@ struct cxr_model {
     std::string artifact;
     std::string inference_precision;
     std::string description;
+    cxr::Options options;
+    const cxr::Artifact* art = nullptr;  // into pkg.artifacts
+    std::string verification;            // CXR_PROP_VERIFICATION
 };
 
 namespace {
@@ -76,7 +81,7 @@ const char* source_precision(const std::string& backend, const std::string& run)
 
 std::vector<std::string> precision_order(const std::string& backend) {
     if (backend == "tensorrt") return {"int8", "fp16", "fp32"};
-    return {"int8", "bf16", "fp32"};
+    return {"int8", "bf16", "fp16", "fp32"};
 }
 
 cxr::Options read_options(const cxr_options* o) {
@@ -89,7 +94,8 @@ cxr::Options read_options(const cxr_options* o) {
     if (o->cache_dir) opt.cache_dir = o->cache_dir;
     require(o->num_threads >= 0, "options->num_threads must be >= 0");
     opt.num_threads = o->num_threads;
-    require((o->flags & ~(CXR_FLAG_IGNORE_GATE | CXR_FLAG_THROUGHPUT)) == 0, "options->flags has unknown bits");
+    require((o->flags & ~(CXR_FLAG_IGNORE_GATE | CXR_FLAG_THROUGHPUT | CXR_FLAG_VERIFY)) == 0,
+            "options->flags has unknown bits");
     opt.flags = o->flags;
     if (opt.backend != "auto" && opt.backend != "openvino" && opt.backend != "tensorrt")
         throw Error(CXR_E_INVALID_ARGUMENT, "unknown backend '" + opt.backend + "'; known: auto, openvino, tensorrt");
@@ -105,6 +111,37 @@ std::string join(const std::vector<std::string>& parts) {
     std::string s;
     for (const auto& p : parts) s += (s.empty() ? "" : "; ") + p;
     return s;
+}
+
+void softmax_rows(const float* logits, std::size_t rows, std::size_t k, float* out);
+
+std::string runtime_description(const cxr_model& m) {
+#ifdef CXR_EDGE_HAVE_TENSORRT
+    if (m.backend_name == "tensorrt") return cxr::tensorrt_runtime_version() + " " + m.backend->device();
+#endif
+    return cxr::openvino_runtime_version() + " " + m.backend->device();
+}
+
+// Verify the open backend on the reference set (verify.hpp) and remember the summary for
+// CXR_PROP_VERIFICATION.
+cxr::VerifyStats verify_model(cxr_model& m, bool use_cache) {
+    const std::size_t k = m.pkg.classes.size();
+    std::vector<float> logits;
+    auto probs = [&](const float* t, std::size_t n, float* out) {
+        logits.resize(n * k);
+        m.backend->infer(t, n, logits.data());
+        softmax_rows(logits.data(), n, k, out);
+    };
+    const auto dir = use_cache ? cxr::verdict_dir(m.options.cache_dir) : std::filesystem::path();
+    cxr::VerifyStats st = cxr::verify_on_device(m.pkg, *m.art, m.backend_name, m.precision, runtime_description(m),
+                                                probs, dir);
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s %s on %zu reference images%s: agreement %.2f%% (95%% lower bound %.1f%%), "
+                  "max |dp| %.2e, p99 |dp| %.2e: ", m.backend_name.c_str(), m.precision.c_str(), st.n,
+                  st.from_cache ? " (cached)" : "", 100 * st.agreement, 100 * st.lower_bound, st.max_abs_dp,
+                  st.p99_abs_dp);
+    m.verification = std::string(buf) + (st.passed ? "passed" : "FAILED: " + st.failures);
+    return st;
 }
 
 // The first (backend, precision) the package and machine allow, fastest first, falling back to the
@@ -148,7 +185,9 @@ void choose_and_load(cxr_model& m, const cxr::Options& opt) {
                 skipped.push_back(name + " " + prec + ": package has no " + src + " " + fmt + " artifact");
                 continue;
             }
-            if (!(opt.flags & CXR_FLAG_IGNORE_GATE) && !art->passed_for(name, prec)) {
+            // with CXR_FLAG_VERIFY, combinations whose export verdict does not carry over are decided here
+            const bool device_verdict = (opt.flags & CXR_FLAG_VERIFY) && cxr::needs_device_verdict(name, prec);
+            if (!(opt.flags & CXR_FLAG_IGNORE_GATE) && !device_verdict && !art->passed_for(name, prec)) {
                 skipped.push_back(name + " " + prec + ": " + art->file + " did not pass its parity gate");
                 continue;
             }
@@ -175,6 +214,23 @@ void choose_and_load(cxr_model& m, const cxr::Options& opt) {
             m.inference_precision = m.backend->inference_precision();
             m.description = name + " " + prec + " (inference precision " + m.inference_precision + ") on " +
                             m.backend->device() + " (" + art->file + ")";
+            m.art = art;
+            m.options = opt;
+            if (device_verdict) {
+                try {
+                    const cxr::VerifyStats st = verify_model(m, true);
+                    if (!st.passed) {
+                        skipped.push_back(name + " " + prec + ": failed verification on this device: " + st.failures);
+                        m.backend.reset();
+                        continue;
+                    }
+                } catch (const Error& e) {
+                    if (e.status() != CXR_E_UNAVAILABLE) throw;
+                    skipped.push_back(name + " " + prec + ": cannot verify on this device: " + e.what());
+                    m.backend.reset();
+                    continue;
+                }
+            }
             return;
         }
     }
@@ -307,6 +363,7 @@ cxr_status cxr_get_property(const cxr_model* model, cxr_property property, const
             case CXR_PROP_INFERENCE_PRECISION: *out_value = model->inference_precision.c_str(); return;
             case CXR_PROP_NORMAL_CLASS: *out_value = model->pkg.normal_class.c_str(); return;
             case CXR_PROP_DESCRIPTION: *out_value = model->description.c_str(); return;
+            case CXR_PROP_VERIFICATION: *out_value = model->verification.c_str(); return;
             case CXR_PROP_MAX_ENUM: break;
         }
         throw Error(CXR_E_INVALID_ARGUMENT, "unknown property " + std::to_string(static_cast<int>(property)));
@@ -345,6 +402,29 @@ cxr_status cxr_classify(cxr_model* model, const cxr_image* image, float* probabi
 cxr_status cxr_classify_batch(cxr_model* model, const cxr_image* images, size_t count, float* probabilities,
                               size_t capacity) {
     return guarded([&] { classify(model, images, count, probabilities, capacity); });
+}
+
+void cxr_verify_result_init(cxr_verify_result* result) {
+    if (!result) return;
+    *result = cxr_verify_result{};
+    result->struct_size = sizeof(cxr_verify_result);
+}
+
+cxr_status cxr_verify(cxr_model* model, int32_t use_cache, cxr_verify_result* result) {
+    return guarded([&] {
+        require(model != nullptr, "model is NULL");
+        require(result != nullptr, "result is NULL");
+        require(result->struct_size >= sizeof(cxr_verify_result),
+                "result->struct_size is not sizeof(cxr_verify_result): call cxr_verify_result_init first");
+        const cxr::VerifyStats st = verify_model(*model, use_cache != 0);
+        result->n = static_cast<uint32_t>(st.n);
+        result->agreement = st.agreement;
+        result->lower_bound = st.lower_bound;
+        result->max_abs_dp = st.max_abs_dp;
+        result->p99_abs_dp = st.p99_abs_dp;
+        result->passed = st.passed ? 1 : 0;
+        result->from_cache = st.from_cache ? 1 : 0;
+    });
 }
 
 }  // extern "C"

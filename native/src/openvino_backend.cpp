@@ -163,6 +163,8 @@ private:
 
 }  // namespace
 
+std::string openvino_runtime_version() { return std::string("openvino ") + ov::get_openvino_version().buildNumber; }
+
 bool openvino_supports(const std::string& precision, const Options& options, std::string* why) {
     if (precision != "bf16" && precision != "fp16") return true;
     const std::string cap = precision == "bf16" ? "BF16" : "FP16";

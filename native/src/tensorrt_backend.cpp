@@ -259,6 +259,8 @@ std::string tensorrt_unavailable_reason() {
     return "";
 }
 
+std::string tensorrt_runtime_version() { return "tensorrt " + std::to_string(getInferLibVersion()); }
+
 std::unique_ptr<Backend> open_tensorrt(const Package& pkg, const Artifact& artifact, const std::string& precision,
                                        const Options& options) {
     if (precision != "fp32" && precision != "fp16" && precision != "int8")

@@ -316,11 +316,22 @@ int test_errors(const fs::path& dir, const fs::path& scratch) {
     fs::create_directories(scratch);
     const fs::path pkg = v.package;
     const json meta = json::parse(read_bytes(pkg / "model.json"));
-    // A package variant: model.json edited by `edit`, artifacts linked to the real files.
+    // A package variant: model.json edited by `edit`, artifacts hard-linked to the real files (a
+    // symlink leaving the package is refused), copied where a hard link is not possible.
+    auto place = [](const fs::path& from, const fs::path& to) {
+        std::error_code ec;
+        fs::create_hard_link(from, to, ec);
+        if (ec) fs::copy_file(from, to);
+    };
     auto variant = [&](const std::string& name, const std::function<void(json&)>& edit) {
         const fs::path d = scratch / name;
         fs::create_directories(d);
-        for (const auto& a : meta["artifacts"]) fs::create_symlink(fs::absolute(pkg / a["file"].get<std::string>()), d / a["file"].get<std::string>());
+        for (const auto& a : meta["artifacts"]) {
+            place(pkg / a["file"].get<std::string>(), d / a["file"].get<std::string>());
+            for (const auto& c : a.value("companions", json::array())) place(pkg / c["file"].get<std::string>(), d / c["file"].get<std::string>());
+        }
+        if (meta.contains("reference_set") && meta["reference_set"].is_object())
+            place(pkg / meta["reference_set"]["file"].get<std::string>(), d / meta["reference_set"]["file"].get<std::string>());
         json m = meta;
         edit(m);
         write_text(d / "model.json", m.dump(1));
@@ -409,7 +420,42 @@ int test_errors(const fs::path& dir, const fs::path& scratch) {
     const fs::path garbage = variant("garbage-onnx", [](json&) {});
     fs::remove(garbage / onnx);
     write_text(garbage / onnx, std::string(static_cast<std::size_t>(meta["artifacts"][0]["bytes"].get<long long>()), '\x7f'));
+    expect(try_open(garbage), CXR_E_PACKAGE, "package: same-size artifact, other bytes", "checksum mismatch");
+    {   // the same garbage with its checksum recorded: the package is consistent, the backend refuses it
+        json g = json::parse(read_bytes(garbage / "model.json"));
+        g["artifacts"][0]["sha256"] = cxr::sha256_file(garbage / onnx);
+        write_text(garbage / "model.json", g.dump(1));
+    }
     expect(try_open(garbage), CXR_E_BACKEND, "backend: artifact is not an ONNX model", "openvino");
+
+    // integrity (issue 14): every listed byte checksummed with SHA-256, nothing unlisted used
+    const fs::path flipped = variant("flipped-byte", [](json&) {});
+    {
+        fs::remove(flipped / onnx);
+        fs::copy_file(pkg / onnx, flipped / onnx);
+        std::fstream f(flipped / onnx, std::ios::in | std::ios::out | std::ios::binary);
+        f.seekg(-7, std::ios::end);
+        char c = 0;
+        f.read(&c, 1);
+        c = static_cast<char>(c ^ 0x01);
+        f.seekp(-7, std::ios::end);
+        f.write(&c, 1);
+    }
+    expect(try_open(flipped), CXR_E_PACKAGE, "integrity: one flipped byte", "checksum mismatch");
+    expect(try_open(variant("zero-sha", [](json& j) { j["artifacts"][0]["sha256"] = std::string(64, '0'); })),
+           CXR_E_PACKAGE, "integrity: zeroed sha256", "checksum mismatch");
+    expect(try_open(variant("null-sha", [](json& j) { j["artifacts"][0]["sha256"] = nullptr; })), CXR_E_PACKAGE,
+           "integrity: sha256 null", "artifacts[0].sha256");
+    const fs::path outside = variant("symlink-out", [](json&) {});
+    fs::remove(outside / onnx);
+    fs::create_symlink(fs::absolute(pkg / onnx), outside / onnx);
+    expect(try_open(outside), CXR_E_PACKAGE, "integrity: symlink leaving the package", "symlink leaving");
+    const fs::path unlisted = variant("unlisted-safetensors", [](json&) {});
+    write_text(unlisted / "model.safetensors", "weights nobody listed");
+    expect(try_open(unlisted), CXR_E_PACKAGE, "integrity: unlisted model.safetensors", "not listed");
+    const fs::path deep = variant("deep-json", [](json&) {});
+    write_text(deep / "model.json", "{\"a\": " + std::string(200000, '[') + std::string(200000, ']') + "}");
+    expect(try_open(deep), CXR_E_PACKAGE, "package: 200000 levels of nesting", "nesting depth");
 
     // calls on an open model
     m = open_or_die(pkg.string(), "fp32");
