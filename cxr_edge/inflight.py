@@ -88,6 +88,7 @@ class DecodePool:
         self.abandoned = 0
         self._closed = False
         self._workers = 0
+        self._threads: list[threading.Thread] = []
         for _ in range(max(1, workers)):
             self._spawn()
 
@@ -95,7 +96,9 @@ class DecodePool:
         with self._lock:
             self._workers += 1
             n = self._workers
-        threading.Thread(target=self._run, name=f"{self.name}-{n}", daemon=True).start()
+        t = threading.Thread(target=self._run, name=f"{self.name}-{n}", daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def _run(self):
         while True:
@@ -157,7 +160,12 @@ class DecodePool:
         self._spawn()
         return True
 
-    def close(self):
+    def close(self, join_timeout: float = 2.0):
+        """Stop the workers; wait (up to `join_timeout` s in all) for those not abandoned, so none
+        is still inside a decoder when the interpreter shuts down."""
         self._closed = True
         for _ in range(self._workers):
             self._q.put(None)
+        deadline = time.monotonic() + join_timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
