@@ -146,16 +146,16 @@ def _run_job_inner(job: dict, isolate: bool, timeout: float, log) -> dict:
 
 
 def _parity(ref, probs, labels, pkg) -> dict:
-    """parity.compare on all images; accuracy fields from the labelled subset."""
+    """parity.compare on all images, accuracy fields from the labelled subset -> the report's dict
+    (ParityStats.to_dict keys)."""
     par = compare(ref, probs, None, pkg.classes, pkg.normal_class)
     m = labels >= 0
     if m.any():
         lab = compare(ref[m], probs[m], labels[m], pkg.classes, pkg.normal_class)
-        for k in ("accuracy", "ref_accuracy", "accuracy_delta", "recall_delta", "newly_called_normal"):
-            if k in lab:
-                par[k] = lab[k]
-        par["labelled_n"] = int(m.sum())
-    return par
+        par.accuracy, par.ref_accuracy, par.accuracy_delta = lab.accuracy, lab.ref_accuracy, lab.accuracy_delta
+        par.recall_delta, par.newly_called_normal = lab.recall_delta, lab.newly_called_normal
+        par.labelled_n = int(m.sum())
+    return par.to_dict()
 
 
 def _ratio(a, b):
@@ -232,7 +232,7 @@ def run_bench(model=None, data=None, backends=None, precisions=None, batch_sizes
                 par.update(sources_and_near_ties(ref, probs[c.key][0], sources, c.backend, c.precision))
             c.results["parity"] = par
             c.results["gate_bench"] = judge(par, c.precision if c.precision in TOLERANCES else "fp32",
-                                            pkg.classes, pkg.normal_class)
+                                            pkg.classes, pkg.normal_class, source="bench").to_dict()
             # e2e (Classifier.stream on files) against inference on the pre-made tensors: same pipeline?
             e2e_p = probs[c.key][1]
             if e2e_p is not None and not np.isnan(e2e_p).any():

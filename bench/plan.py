@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from cxr_edge.backends import REGISTRY, backend_status, candidates
-from cxr_edge.formats import BACKEND_ORDER, RUN_PRECISIONS
-
-OV_HINT = {"bf16": "bf16", "fp16": "f16"}
+from cxr_edge.backends import REGISTRY, backend_status, decide, precision_support
+from cxr_edge.formats import BACKEND_ORDER, RUN_PRECISIONS, artifact_format
 
 
 @dataclass
@@ -49,20 +47,11 @@ def _gate_text(art, key: str, backend: str) -> str:
     return "failed: " + "; ".join(g.get("failures", [])) if g.get("failures") else "failed"
 
 
-def _cpu_caps() -> str:
-    try:
-        import openvino as ov
-        return ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    except Exception as e:
-        return f"unknown ({e})"
-
-
 def plan(package, backends=None, precisions=None, try_unavailable: bool = False) -> list[Combo]:
     """Every (backend, run precision) of the formats table that the filters allow, fastest first.
     The torch fp32 reference is always included: parity and speed-ups are measured against it."""
     status = backend_status()
-    found, _ = candidates(package, "auto", "auto")
-    auto = (found[0].backend, found[0].precision) if found else None
+    auto = auto_choice(package)
     want_b = set(backends) if backends else None
     want_p = set(precisions) if precisions else None
     out = []
@@ -74,7 +63,7 @@ def plan(package, backends=None, precisions=None, try_unavailable: bool = False)
             is_ref = name == "torch" and prec == "fp32"
             if not is_ref and ((want_b and name not in want_b) or (want_p and prec not in want_p)):
                 continue
-            art = package.artifact(src, "onnx-qdq" if src == "int8" else "onnx")
+            art = package.artifact(src, artifact_format(src).name)
             c = Combo(name, prec, reference=is_ref, auto=auto == (name, prec))
             if art is None:
                 c.status, c.reason = "unavailable", f"package has no {src} artifact"
@@ -86,8 +75,10 @@ def plan(package, backends=None, precisions=None, try_unavailable: bool = False)
             reason = ""
             if not ok:
                 reason = why
-            elif name == "openvino" and prec in OV_HINT and OV_HINT[prec] not in REGISTRY[name].supported_hints():
-                reason = f"this CPU has no native {prec} (OpenVINO CPU capabilities: {_cpu_caps()})"
+            else:
+                supported, why_not = precision_support(name, prec)
+                if not supported:
+                    reason = why_not
             if reason:
                 if try_unavailable:
                     c.forced = reason
@@ -104,5 +95,7 @@ def plan(package, backends=None, precisions=None, try_unavailable: bool = False)
 
 
 def auto_choice(package) -> tuple[str, str] | None:
-    found, _ = candidates(package, "auto", "auto")
-    return (found[0].backend, found[0].precision) if found else None
+    """What `auto` picks here from the evidence already cached (cxr_edge.backends.decide without
+    measuring: speeds and device verdicts from earlier loads or `cxr-edge verify`)."""
+    d = decide(package, "auto", "auto", measure=False)
+    return (d.ranked[0].backend, d.ranked[0].precision) if d.ranked else None

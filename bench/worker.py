@@ -231,15 +231,14 @@ def measure_combination(job: dict, log=lambda m: None, res: dict | None = None) 
     files = job["files"]
     ebs = int(job["e2e_batch_size"])
     epkg = copy.deepcopy(pkg)
-    key = f"{backend_name}/{precision}"
     eart = next(a for a in epkg.artifacts if a.file == art.file)
     if backend_name != "torch" and not eart.passed_for(backend_name, precision):
         # load() only opens gated artifacts; the bench measures failed ones too, said so in the row
-        eart.gate[key] = {"passed": True, "bench_override": "gate not passed; measured for the benchmark only"}
-        res["e2e_note"] = "gate not passed in model.json: loaded with an in-memory override"
+        res["e2e_note"] = "gate not passed in model.json: loaded with options ignore_gate"
     t = time.perf_counter()
+    # the bench measures parity itself: load without on-device verification or gate refusal
     clf = cxr_edge.load(epkg, backend=backend_name, precision=precision, batch_size=ebs, threads=threads,
-                        options=dict(options))
+                        options=dict(options, ignore_gate=True, verify=False))
     res["e2e_load_s"] = time.perf_counter() - t
     if not torch_before and "torch" in sys.modules:
         res["e2e_note"] = (res.get("e2e_note", "") + "; " if res.get("e2e_note") else "") + \

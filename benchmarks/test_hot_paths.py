@@ -12,7 +12,7 @@ pytest.importorskip("pytest_benchmark")
 
 from cxr_edge.backends import REGISTRY  # noqa: E402
 from cxr_edge.decode import decode  # noqa: E402
-from cxr_edge.formats import RUN_PRECISIONS  # noqa: E402
+from cxr_edge.formats import RUN_PRECISIONS, artifact_format  # noqa: E402
 from cxr_edge.preprocess import normalise, preprocess, resample  # noqa: E402
 
 FORMATS = ("jpeg", "png8", "png16", "tiff16", "dicom12", "dicom8_real", "dicom_jpeg_real")
@@ -70,7 +70,7 @@ def _backend(pkg, name, prec):
         if not ok:
             pytest.skip(f"{name}: {why}")
         src = RUN_PRECISIONS[name][prec]
-        art = pkg.artifact(src, "onnx-qdq" if src == "int8" else "onnx")
+        art = pkg.artifact(src, artifact_format(src).name)
         if art is None:
             pytest.skip(f"package has no {src} artifact")
         try:

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from .backends import load_best
-from .decode import DecodeError, decode
+from .decode import DecodeError, decode, estimate_bytes
+from .inflight import DEFAULT_DECODE_TIMEOUT, MAX_BATCH_SIZE, DecodePool, budget_from_env
 from .inputs import describe as _describe
 from .package import ModelPackage
 from .postprocess import DISCLAIMER, Result, softmax  # noqa: F401 (DISCLAIMER re-exported)
@@ -25,11 +26,24 @@ from .preprocess import preprocess
 
 class Classifier:
     def __init__(self, package: ModelPackage, backend="auto", precision="auto", batch_size: int = 8,
-                 threads: int | None = None, decode_workers: int | None = None, options: dict | None = None):
+                 threads: int | None = None, decode_workers: int | None = None, options: dict | None = None,
+                 decode_budget: int | None = None, decode_timeout: float | None = None,
+                 operating_point: str | None = None):
+        # operating_point: a name from model.json "operating_points" (e.g. "sensitive"), see guard.py.
+        # decode_budget: bytes of decode working set in flight (default 1 GiB, or CXR_EDGE_DECODE_MEMORY_MB);
+        # decode_timeout: seconds one input may decode before it becomes an error row (default 60). inflight.py.
+        if not 1 <= int(batch_size) <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
+        self.decode_budget = int(decode_budget) if decode_budget else budget_from_env()
+        self.decode_timeout = float(decode_timeout) if decode_timeout else DEFAULT_DECODE_TIMEOUT
+        if self.decode_budget <= 0 or not self.decode_timeout > 0:
+            raise ValueError(f"decode_budget and decode_timeout must be > 0, got {decode_budget}, {decode_timeout}")
         self.package = package
         self.classes = list(package.classes)
         self.spec = package.preprocess
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = int(batch_size)
+        from .guard import Guard
+        self.guard = Guard(package, operating_point)   # calibration, input guard, operating point (guard.py)
         self.backend, self.why = load_best(package, backend, precision, threads, options)
         self._check_output_width()
         self.decode_workers = decode_workers or max(2, min(4, os.cpu_count() or 2))
@@ -75,7 +89,11 @@ class Classifier:
         """(tensor, Decoded) or (None, error message): never raises for a bad input."""
         try:
             d = decode(item, min_side=self.spec.decode_hint())
-            return preprocess(d.pixels, self.spec), d
+            tensor = preprocess(d.pixels, self.spec)
+            # the full-resolution pixels are not needed any more (only their shape, for CAM): drop them
+            # now, so that results waiting for a batch hold model tensors, not images (inflight.py)
+            d.pixels = np.broadcast_to(np.float32(0), d.pixels.shape)
+            return tensor, d
         except DecodeError as e:
             return None, str(e)
         except MemoryError:
@@ -85,8 +103,9 @@ class Classifier:
 
     def _finish(self, items, prepared, out, explain: bool) -> list[Result]:
         results, k = [], 0
-        probs = softmax(out["logits"]) if out is not None else None
+        probs = self.guard.probabilities(out["logits"]) if out is not None else None
         if probs is not None:
+            labels = self.guard.labels(probs)
             from .nearties import flag
             margins, uncertain = flag(probs, self.uncertain_below)
         for item, (tensor, d) in zip(items, prepared):
@@ -95,15 +114,17 @@ class Classifier:
                 continue
             p = probs[k]
             r = Result(_describe(item),
-                       label=self.classes[int(p.argmax())],
+                       label=self.classes[int(labels[k])],
                        probabilities={c: float(v) for c, v in zip(self.classes, p)},
                        backend=self.backend.name, precision=self.precision, original_size=d.original_size,
                        margin=float(margins[k]), uncertain=uncertain[k])
+            r.warnings = list(d.meta.get("warnings", ()))
+            r.warnings += self.guard.warnings(out["logits"][k], d.meta, r.source)
             if explain:
                 from .cam import oriented_size
                 engine = self.cam_engine()
                 cls = engine.class_index(explain)
-                r.cam = engine.heatmap(out, k, int(p.argmax()) if cls is None else cls, oriented_size(d))
+                r.cam = engine.heatmap(out, k, int(labels[k]) if cls is None else cls, oriented_size(d))
                 r.cam_method = engine.method
             results.append(r)
             k += 1
@@ -138,11 +159,14 @@ class Classifier:
     def stream(self, inputs: Iterable, explain: bool = False) -> Iterator[Result]:
         """Results in input order as batches complete; memory stays bounded for any input length."""
         features = explain and self.backend.name != "torch"
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="cxr-decode") as pool:
-            prep_q: deque = deque()          # (item, future) in input order, bounded lookahead
+        pool = DecodePool(self.decode_workers, self.decode_budget, self.decode_timeout)
+        try:
+            prep_q: deque = deque()          # (item, task) in input order, bounded lookahead
             infer_q: deque = deque()         # (items, prepared, handle) submitted to the backend
             it = iter(inputs)
-            lookahead = self.batch_size * 3
+            # tensors waiting for a batch count against the byte budget too (never less than one batch)
+            tensor_bytes = 4 * self.spec.channels * self.spec.size * self.spec.size
+            lookahead = max(self.batch_size + 1, min(self.batch_size * 3, self.decode_budget // tensor_bytes))
             exhausted = False
 
             def fill():
@@ -153,16 +177,19 @@ class Classifier:
                     except StopIteration:
                         exhausted = True
                         return
-                    prep_q.append((item, pool.submit(self._prepare, item)))
+                    prep_q.append((item, pool.submit(self._prepare, item, estimate_bytes(item))))
 
             fill()
             while prep_q or infer_q:
                 if prep_q:
                     items, prepared = [], []
                     while prep_q and len(items) < self.batch_size:
-                        item, fut = prep_q.popleft()
+                        item, task = prep_q.popleft()
                         items.append(item)
-                        prepared.append(fut.result())
+                        try:
+                            prepared.append(pool.wait(task))
+                        except (TimeoutError, RuntimeError) as e:   # a hung decoder: an error row, the run goes on
+                            prepared.append((None, f"{_describe(item)}: {e}"))
                         fill()
                     tensors = [t for t, _ in prepared if t is not None]
                     handle = None
@@ -181,6 +208,8 @@ class Classifier:
                                            precision=self.precision) for i in items)
                         continue
                     yield from self._finish(items, prepared, out, explain)
+        finally:
+            pool.close()
 
     def _submit(self, batch, explain):
         if explain:
@@ -203,7 +232,12 @@ class Classifier:
 
 
 def load(model=None, backend: str = "auto", precision: str = "auto", batch_size: int = 8,
-         threads: int | None = None, options: dict | None = None) -> Classifier:
-    """Open a model package (None: the embedded default model) on the fastest usable backend."""
+         threads: int | None = None, options: dict | None = None, decode_budget: int | None = None,
+         decode_timeout: float | None = None, operating_point: str | None = None) -> Classifier:
+    """Open a model package (None: the embedded default model) on the fastest usable backend.
+    decode_budget (bytes) and decode_timeout (seconds): see Classifier and inflight.py.
+    operating_point: a name from the package's model.json "operating_points" (e.g. "sensitive"):
+    normal only when the calibrated p(normal) reaches its threshold (guard.py); None: argmax."""
     pkg = model if isinstance(model, ModelPackage) else ModelPackage.read(model)
-    return Classifier(pkg, backend, precision, batch_size, threads, options=options)
+    return Classifier(pkg, backend, precision, batch_size, threads, options=options,
+                      decode_budget=decode_budget, decode_timeout=decode_timeout, operating_point=operating_point)

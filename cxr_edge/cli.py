@@ -63,8 +63,13 @@ def cmd_classify(args) -> int:
             from .dicom_sr import SrWriter, note_on_result
         except ImportError as e:
             raise UsageError(f"--dicom-sr needs pip install 'cxr-edge[dicom-node]' ({e})") from None
-    clf = cxr_edge.load(args.model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
-                        threads=args.threads, **_decode_limits(args))
+    from .guard import OperatingPointError
+    try:
+        clf = cxr_edge.load(args.model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+                            threads=args.threads, operating_point=getattr(args, "operating_point", None),
+                            **_decode_limits(args))
+    except OperatingPointError as e:
+        raise UsageError(f"--operating-point: {e}") from None
     print(f"cxr-edge: {clf.why.split(' | ')[0]}", file=sys.stderr)
     print(f"cxr-edge: {cxr_edge.DISCLAIMER}", file=sys.stderr)
     fmt = fmt or ("table" if not args.output and sys.stdout.isatty() else "csv")
@@ -264,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append to --output FILE, skipping inputs whose path is already in it (an interrupted "
                         "run continues where it stopped; the same model must have written it)")
     p.add_argument("--cam", metavar="DIR", help="also write class-activation overlays (PNG) into DIR")
+    p.add_argument("--operating-point", metavar="NAME",
+                   help="label by a threshold stored in model.json instead of argmax, e.g. 'sensitive': normal only "
+                        "when the calibrated p(normal) reaches the threshold chosen for disease sensitivity")
     p.add_argument("--dicom-sr", metavar="DIR", help="also write a DICOM SR (TID 1500) per DICOM input into DIR, as "
                    "SR_<SOPInstanceUID>.dcm (needs cxr-edge[dicom-node])")
     p.set_defaults(func=cmd_classify)

@@ -14,7 +14,24 @@ def add_parser(sub):
     p.add_argument("--val-limit", type=int, help="use at most N labelled images")
     p.add_argument("--calib", help="calibration images for int8: DIR or RUN/split.json[:part] (default part: train)")
     p.add_argument("--calib-size", type=int, default=300)
-    p.add_argument("--max-drop", type=float, help="accuracy-controlled int8 (NNCF) with this max absolute accuracy drop")
+    p.add_argument("--calib-by-source", action="store_true",
+                   help="calibration images balanced by data source (manifest/split sources) instead of at random")
+    p.add_argument("--max-drop", type=float,
+                   help="accuracy-controlled int8 (NNCF): revert quantizers until the share of control images whose "
+                        "top-1 equals torch fp32 with max |dp| <= --dp-tol drops by at most this (absolute)")
+    p.add_argument("--dp-tol", type=float, default=0.05, help="|dp| tolerance inside the --max-drop metric")
+    p.add_argument("--control", help="control images for --max-drop: DIR or RUN/split.json[:part] (default: the parity set)")
+    p.add_argument("--int8-ignore", nargs="*", metavar="NODE",
+                   help="keep these ONNX nodes in float; no names: the stem conv and the classifier")
+    p.add_argument("--bias-correction", choices=["fast", "full"], default="fast",
+                   help="NNCF bias correction after quantization (full: slower, layer by layer)")
+    p.add_argument("--int8-preset", choices=["mixed", "performance"], default="mixed")
+    p.add_argument("--reference", metavar="IMAGES",
+                   help="images for the package's reference set (DIR or RUN/split.json[:part]); default: "
+                        "--reference-k images of the parity set")
+    p.add_argument("--reference-k", type=int, default=256, help="reference-set size taken from the parity set")
+    p.add_argument("--reference-variants", action="store_true",
+                   help="add 8 deterministic variants (crops, scale, gamma, contrast, rotation) of each --reference image")
     p.add_argument("--formats", nargs="+", default=["onnx"], choices=["onnx", "openvino", "tensorrt"])
     p.add_argument("--keep-failed", action="store_true", help="keep artifacts that fail their gate (marked failed)")
     p.add_argument("--no-features", action="store_true", help="omit the feature-map output (no CAM from this package)")
@@ -27,10 +44,18 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .pipeline import GateFailed, export_checkpoint
+    from .quantize import QuantSettings
+    quant = QuantSettings(preset=args.int8_preset, fast_bias_correction=args.bias_correction == "fast",
+                          dp_tol=args.dp_tol)
     try:
+        if args.int8_ignore is not None:
+            # an empty list: the stem conv and the classifier, named once the ONNX file exists
+            quant.ignored = list(args.int8_ignore) or ["<sensitive>"]
         pkg = export_checkpoint(args.checkpoint, args.out, args.precision, args.calib, args.calib_size, args.val,
                           args.val_limit, args.max_drop, args.formats, args.keep_failed, not args.no_features,
-                          args.name, log=lambda m: print(m, file=sys.stderr))
+                          args.name, log=lambda m: print(m, file=sys.stderr), quant=quant,
+                          calib_by_source=args.calib_by_source, control=args.control, reference=args.reference,
+                          reference_k=args.reference_k, reference_variants=args.reference_variants)
     except GateFailed as e:
         print(f"cxr-edge export: {len(e.table.splitlines())} rows; gate FAILED - see the table above. "
               "Failed combinations are marked in model.json; auto never picks them.", file=sys.stderr)

@@ -90,17 +90,53 @@ def render(pkg, card: dict) -> str:
         rec = ", ".join(f"{c} {_pct(v['recall'])}" for c, v in r["per_class"].items() if v["support"])
         dcn = ", ".join(f"{k} {v}" for k, v in r.get("disease_called_normal", {}).items() if v) or "-"
         L.append(f"| {src} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['macro']['f1'])} | {rec} | {dcn} |")
-    L += ["", "## Artifacts and parity with the torch fp32 reference (test split)", "",
-          "| artifact | MB | backend/precision | agreement % | max abs dp | mean abs dp | accuracy delta pp | gate |", "|---|---:|---|---:|---:|---:|---:|---|"]
+    ps = (pkg.provenance.get("export") or {}).get("parity_set") or {}
+    where = f"{ps.get('source', 'parity set')}, {ps.get('images', '?')} images" + (
+        " — " + ", ".join(f"{k} {v}" for k, v in ps["by_source"].items()) if ps.get("by_source") else "")
+    L += ["", f"## Artifacts and parity with the torch fp32 reference ({where})", "",
+          "Agreement: top-1 equal to torch fp32; LB95: its Wilson 95 % lower confidence bound, on which the gate "
+          "decides. Uncertain: results whose top-2 margin is below 2 x this combination's p99 |Δp| (these are "
+          "flagged `uncertain` at run time; \"missed\" counts label flips the flag did not cover).", "",
+          "| artifact | MB | backend/precision | n | agreement % | LB95 % | max abs dp | p99 abs dp | accuracy delta pp | "
+          "uncertain (missed) | gate |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a in pkg.artifacts:
         for key, g in a.gate.items():
             p = a.parity.get(key)
             if p is None:
-                L.append(f"| {a.file} | {a.bytes / 1e6:.1f} | {key} | | | | | not measured: {g.get('skipped', '')} |")
+                L.append(f"| {a.file} | {a.bytes / 1e6:.1f} | {key} | | | | | | | | not measured: {g.get('skipped', '')} |")
                 continue
             dacc = f"{100 * p['accuracy_delta']:+.2f}" if "accuracy_delta" in p else "-"
-            L.append(f"| {a.file} | {a.bytes / 1e6:.1f} | {key} | {100 * p['top1_agreement']:.2f} | {p['max_abs_dp']:.2e} | "
-                     f"{p['mean_abs_dp']:.2e} | {dacc} | {'pass' if g['passed'] else 'FAIL ' + '; '.join(g['failures'])} |")
+            lb = f"{100 * p['lower_bound']:.2f}" if "lower_bound" in p else "-"
+            unc = f"{p['uncertain']} ({p.get('flips_not_uncertain', 0)})" if "uncertain" in p else "-"
+            L.append(f"| {a.file} | {a.bytes / 1e6:.1f} | {key} | {p['n']} | {100 * p['top1_agreement']:.2f} | {lb} | "
+                     f"{p['max_abs_dp']:.2e} | {p.get('p99_abs_dp', p['max_abs_dp']):.2e} | {dacc} | {unc} | "
+                     f"{'pass' if g['passed'] else 'FAIL ' + '; '.join(g.get('failures', []))} |")
+    int8 = next((a for a in pkg.artifacts if a.precision == "int8"), None)
+    if int8 is not None:
+        ex = int8.extra or {}
+        L += ["", "INT8 (`" + int8.file + "`): " + "; ".join(f"{k}: {v}" for k, v in ex.items()
+                                                         if k not in ("variants_tried",)) + "."]
+        bysrc = next((p["by_source"] for k, p in int8.parity.items() if "by_source" in p), None)
+        if bysrc:
+            L += ["", "INT8 agreement per data source: " + ", ".join(
+                f"{k} {v['n'] - v['disagreements']}/{v['n']}" for k, v in bysrc.items()) + "."]
+        tried = ex.get("variants_tried")
+        if tried:
+            L += ["", "INT8 variants measured (OpenVINO int8 vs torch fp32):", "",
+                  "| variant | n | agreement % | LB95 % | max abs dp | p99 abs dp | uncertain (missed) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+            for v in tried:
+                L.append(f"| {v['variant']} | {v['n']} | {100 * v['agreement']:.2f} | {100 * v['lower_bound']:.2f} | "
+                         f"{v['max_abs_dp']:.3f} | {v['p99_abs_dp']:.3f} | {v['uncertain']} ({v['flips_not_uncertain']}) |")
+    rs = getattr(pkg, "reference_set", None) or {}
+    if rs:
+        L += ["", f"Reference set (`{rs['file']}`, {rs['shape'][0]} images of {rs['shape'][1]} x {rs['shape'][2]}, "
+              f"torch fp32 logits in model.json for on-device verification): {rs.get('source', '')}."]
+    try:    # issue 17: calibration, operating points, input guard (train/calibrate.py; workbench only)
+        from cxr_edge.train.calibrate import card_lines
+        L += card_lines(pkg)
+    except ImportError:
+        pass
     L += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
     return "\n".join(L) + "\n"
 

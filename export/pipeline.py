@@ -8,20 +8,23 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from cxr_edge.backends import REGISTRY
-from cxr_edge.classifier import softmax
+from cxr_edge.backends import REGISTRY, precision_support
+from cxr_edge.postprocess import softmax
 from cxr_edge.decode import DecodeError, decode
 from cxr_edge.formats import RUN_PRECISIONS, artifact_format
 from cxr_edge.package import Artifact, ModelPackage
-from cxr_edge.parity import compare, format_table, judge
+from cxr_edge.parity import ParityStats, Verdict, compare, format_table, judge
 from cxr_edge.preprocess import PreprocessSpec, preprocess
 
 from .onnx_export import export_onnx, run_onnx
-from .quantize import quantize_accuracy_control, quantize_ptq
+from cxr_edge.nearties import sources_and_near_ties
+
+from .quantize import QuantSettings, quantize, sensitive_layers
 
 
 class GateFailed(Exception):
@@ -36,12 +39,14 @@ class LabelledSet:
     labels: np.ndarray
     paths: list
     skipped: list = field(default_factory=list)
+    sources: list = field(default_factory=list)   # data source per image ("" when unknown)
+    name: str = "given"                           # what model.json says the set is (no host paths)
 
 
 def load_images(items, spec: PreprocessSpec, classes: list | None = None, limit: int | None = None) -> LabelledSet:
     """items: Sample-like objects (path, label) or plain paths. Decoded and preprocessed exactly as
     the runtime does. Unreadable files are reported and skipped."""
-    tensors, labels, paths, skipped = [], [], [], []
+    tensors, labels, paths, skipped, sources = [], [], [], [], []
     for it in items:
         if limit and len(tensors) >= limit:
             break
@@ -56,9 +61,10 @@ def load_images(items, spec: PreprocessSpec, classes: list | None = None, limit:
             continue
         labels.append(classes.index(label) if classes is not None and label is not None else -1)
         paths.append(str(path))
+        sources.append(str(getattr(it, "source", "") or ""))
     if not tensors:
         raise ValueError("no usable images in the given set")
-    return LabelledSet(np.stack(tensors), np.array(labels), paths, skipped)
+    return LabelledSet(np.stack(tensors), np.array(labels), paths, skipped, sources)
 
 
 def resolve_set(spec_str: str, part_default: str):
@@ -68,13 +74,14 @@ def resolve_set(spec_str: str, part_default: str):
     p = P(path)
     if p.suffix == ".json":
         from cxr_edge.train.experiment import read_split
-        return read_split(p, part or part_default)
+        # "val+test": several parts of one split, in that order (a bigger parity set)
+        return [s for pt in (part or part_default).split("+") for s in read_split(p, pt)]
     if p.is_dir():
         from cxr_edge.train.data import load_dataset
         try:
             return load_dataset(p)
         except Exception:
-            from cxr_edge.cli import expand_inputs
+            from cxr_edge.inputs import expand_inputs
             return expand_inputs([str(p)], recursive=True)
     raise FileNotFoundError(f"{spec_str}: not a directory or split.json")
 
@@ -107,42 +114,74 @@ def runnable_combinations(art: Artifact) -> list[tuple[str, str, str]]:
         for prec, src in precs.items():
             if src != art.precision:
                 continue
-            if ok and backend == "openvino" and prec in ("bf16", "fp16"):
-                hint = {"bf16": "bf16", "fp16": "f16"}[prec]
-                if hint not in cls.supported_hints():
-                    out.append((backend, prec, f"this CPU has no native {prec}"))
-                    continue
-            out.append((backend, prec, "" if ok else why))
+            runs, why_not = precision_support(backend, prec) if ok else (False, why)
+            out.append((backend, prec, "" if runs else why_not))
     return out
 
 
-def gate_artifact(pkg, art, ref_probs, data: LabelledSet, log) -> list[tuple[str, dict, dict]]:
+def gate_artifact(pkg, art, ref_probs, data: LabelledSet, log) -> list[tuple[str, ParityStats, Verdict]]:
+    """Measure and gate `art` on every combination runnable here; record both in art.parity /
+    art.gate (as model.json dicts); return (row name, ParityStats, Verdict) for the measured ones."""
     rows = []
     for backend, prec, why_not in runnable_combinations(art):
         key = f"{backend}/{prec}"
         if why_not:
-            art.gate[key] = {"passed": False, "skipped": why_not}
+            art.gate[key] = Verdict.not_measured(why_not).to_dict()
             log(f"  {art.file} {key}: not measured here ({why_not})")
             continue
         t = time.time()
         try:
             probs = run_backend(pkg, art, backend, prec, data.tensors)
         except Exception as e:
-            art.gate[key] = {"passed": False, "failures": [f"failed to run: {e}"]}
+            art.gate[key] = Verdict(False, [f"failed to run: {e}"]).to_dict()
             log(f"  {art.file} {key}: failed to run: {e}")
             continue
         parity = compare(ref_probs, probs, data.labels if (data.labels >= 0).all() else None, pkg.classes, pkg.normal_class)
-        parity["seconds"] = round(time.time() - t, 2)
+        parity.seconds = round(time.time() - t, 2)
         gate = judge(parity, prec, pkg.classes, pkg.normal_class)
-        art.parity[key], art.gate[key] = parity, gate
+        art.parity[key], art.gate[key] = parity.to_dict(), gate.to_dict()
+        art.parity[key].update(sources_and_near_ties(ref_probs, probs, data.sources, backend, prec))
         rows.append((f"{art.file} {key}", parity, gate))
     return rows
+
+
+def pick_calibration(items: list, n: int, by_source: bool = False, seed: int = 0) -> list[int]:
+    """Indices of min(n, len(items)) calibration items, deterministic for a seed. by_source: an equal
+    share per data source (all of a source that has fewer), the rest at random from what is left."""
+    rng = np.random.default_rng(seed)
+    n = min(int(n), len(items))
+    if not by_source:
+        return sorted(int(i) for i in rng.choice(len(items), n, replace=False))
+    src = np.array([str(getattr(it, "source", "") or "") for it in items])
+    kinds = sorted(set(src))
+    per = n // max(1, len(kinds))
+    pick: list[int] = []
+    for u in kinds:
+        w = np.flatnonzero(src == u)
+        pick += [int(i) for i in rng.choice(w, min(per, len(w)), replace=False)]
+    rest = np.setdiff1d(np.arange(len(items)), pick)
+    pick += [int(i) for i in rng.choice(rest, n - len(pick), replace=False)]
+    return sorted(pick)
 
 
 def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, calib_size: int = 300,
                       val=None, val_limit: int | None = None, max_drop: float | None = None,
                       formats=("onnx",), keep_failed: bool = False, features: bool = True,
-                      name: str | None = None, provenance: dict | None = None, log=print) -> ModelPackage:
+                      name: str | None = None, provenance: dict | None = None, log=print,
+                      quant: QuantSettings | None = None, calib_by_source: bool = False, control=None,
+                      reference=None, reference_k: int = 256, reference_variants: bool = False) -> ModelPackage:
+    """checkpoint -> gated model package in `out` (replaced).
+
+    val: the labelled parity set (DIR, RUN/split.json[:part[+part]], or Sample-like items); every
+    artifact is measured against the torch fp32 reference on it and gated (formats.TOLERANCES).
+    int8: calibrated on `calib_size` images of `calib` (random, or balanced by source), quantized as
+    `quant` says (export.quantize.QuantSettings; `max_drop` is a shortcut for accuracy control, whose
+    control images are `control`, default the parity set).
+    reference: images for the package's reference set (see export/reference_set.py): None = K
+    (`reference_k`) images of the parity set; a DIR / split spec / list of paths otherwise; with
+    `reference_variants` each image also gives 8 deterministic variants.
+    Raises GateFailed (after writing the package) when a measured combination fails its gate and
+    keep_failed is False."""
     from cxr_edge.train.checkpoint import load_checkpoint
     t0 = time.time()
     net, meta = load_checkpoint(checkpoint)
@@ -172,7 +211,8 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
     # -- labelled parity set (and calibration set) -----------------------------------------------
     if val is None:
         raise ValueError("a labelled set (--val) is required: every artifact is gated on real images")
-    data = load_images(resolve_set(val, "test") if isinstance(val, str) else val, spec, classes, val_limit)
+    data = val if isinstance(val, LabelledSet) else \
+        load_images(resolve_set(val, "test") if isinstance(val, str) else val, spec, classes, val_limit)
     log(f"parity set: {len(data.paths)} labelled images" + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else ""))
     ref = torch_probs(net, data.tensors)
     ref_acc = float((ref.argmax(1) == data.labels).mean())
@@ -180,37 +220,52 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
     # The torch backend reads its weights from model.onnx: prove it is the checkpoint's network.
     tb = run_backend(pkg, fp32, "torch", "fp32", data.tensors)
     tp = compare(ref, tb, data.labels, classes, pkg.normal_class)
-    fp32.parity["torch/fp32"], fp32.gate["torch/fp32"] = tp, judge(tp, "fp32", classes, pkg.normal_class)
-    rows.append((f"{fp32.file} torch/fp32", tp, fp32.gate["torch/fp32"]))
+    tg = judge(tp, "fp32", classes, pkg.normal_class)
+    fp32.parity["torch/fp32"], fp32.gate["torch/fp32"] = tp.to_dict(), tg.to_dict()
+    rows.append((f"{fp32.file} torch/fp32", tp, tg))
 
     if "int8" in precisions:
         calib_items = resolve_set(calib, "train") if isinstance(calib, str) else (calib or None)
         if calib_items is None:
             raise ValueError("int8 needs a calibration set (--calib DIR or RUN/split.json:train)")
-        rng = np.random.default_rng(0)
-        calib_items = list(calib_items)
-        pick = sorted(rng.choice(len(calib_items), min(calib_size, len(calib_items)), replace=False))
-        cal = load_images([calib_items[i] for i in pick], spec, None)
-        log(f"calibration set: {len(cal.paths)} images")
-        int8_path = out / artifact_format("int8").suffix
-        extra = {"calibration_images": len(cal.paths), "method": "nncf.quantize (PTQ, mixed preset)"}
-        if max_drop is not None:
-            quantize_accuracy_control(onnx_path, int8_path, cal.tensors, data.tensors, data.labels, max_drop)
-            extra["method"] = f"nncf.quantize_with_accuracy_control (max drop {max_drop})"
+        if isinstance(calib_items, LabelledSet):  # already preprocessed (e.g. cached): pick from its tensors
+            pick = pick_calibration([SimpleNamespace(source=s) for s in calib_items.sources], calib_size, calib_by_source)
+            cal = LabelledSet(calib_items.tensors[pick], calib_items.labels[pick], [calib_items.paths[i] for i in pick])
         else:
-            quantize_ptq(onnx_path, int8_path, cal.tensors)
+            calib_items = list(calib_items)
+            pick = pick_calibration(calib_items, calib_size, calib_by_source)
+            cal = load_images([calib_items[i] for i in pick], spec, None)
+        log(f"calibration set: {len(cal.paths)} images" + (" (balanced by source)" if calib_by_source else ""))
+        int8_path = out / artifact_format("int8").suffix
+        settings = quant or QuantSettings()
+        if settings.ignored == ["<sensitive>"]:
+            settings.ignored = sensitive_layers(onnx_path)
+        if max_drop is not None:
+            settings.max_drop = max_drop
+        ctrl = None
+        if settings.max_drop is not None:
+            if control is None:
+                ctrl_set, ctrl_name = data, "the parity set (the gate then measures on the images it was tuned on)"
+            else:
+                ctrl_set = control if isinstance(control, LabelledSet) else \
+                    load_images(resolve_set(control, "val") if isinstance(control, str) else control, spec, classes)
+                ctrl_name = Path(control).name if isinstance(control, str) else getattr(control, "name", "given")
+            ctrl = (ctrl_set.tensors, torch_probs(net, ctrl_set.tensors))
+        extra = quantize(onnx_path, int8_path, cal.tensors, settings, ctrl)
+        extra["calibration"] = "balanced by source" if calib_by_source else "random"
+        if ctrl is not None:
+            extra["control_set"] = ctrl_name
         int8 = pkg.add_artifact(Artifact(file=int8_path.name, format="onnx-qdq", precision="int8",
                                          outputs=fp32.outputs, extra=extra))
         int8_rows = gate_artifact(pkg, int8, ref, data, log)
-        if int8_rows and not any(g["passed"] for _, _, g in int8_rows) and max_drop is None:
+        if int8_rows and not any(g.passed for _, _, g in int8_rows) and settings.max_drop is None \
+                and not settings.ignored:
             # Keep the most sensitive layers (stem conv, classifier) in float and try once more.
-            import onnx as _onnx
-            nodes = [n.name for n in _onnx.load(str(onnx_path)).graph.node if n.op_type in ("Conv", "Gemm")]
-            ignored = [nodes[0], *[n for n in nodes if "head" in n or n == nodes[-1]]]
-            log(f"int8 failed its gate; retrying with ignored scope {ignored}")
-            quantize_ptq(onnx_path, int8_path, cal.tensors, ignored=ignored)
-            int8.parity, int8.gate = {}, {}
-            int8.extra["ignored_scope"] = ignored
+            settings.ignored = sensitive_layers(onnx_path)
+            log(f"int8 failed its gate; retrying with ignored scope {settings.ignored}")
+            extra = quantize(onnx_path, int8_path, cal.tensors, settings)
+            extra["calibration"] = "balanced by source" if calib_by_source else "random"
+            int8.parity, int8.gate, int8.extra = {}, {}, extra
             pkg.add_artifact(int8)
             int8_rows = gate_artifact(pkg, int8, ref, data, log)
         rows += int8_rows
@@ -219,18 +274,43 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
     if "openvino" in formats:
         from .openvino_ir import export_ir
         xml = export_ir(onnx_path, out)
+        # the .bin is read with the .xml: listed as a companion, so it is checksummed too (issue 14)
         pkg.add_artifact(Artifact(file=xml.name, format="openvino-ir", precision="fp32", outputs=fp32.outputs,
+                                  companions=[{"file": xml.with_suffix(".bin").name}],
                                   extra={"weights": xml.with_suffix(".bin").name}))
     if "tensorrt" in formats:
         from .tensorrt_build import build_engines
         pkg.provenance["tensorrt"] = build_engines(pkg, precisions, log)
 
+    # -- reference set (export/reference_set.py) ----------------------------------------------------
+    from .reference_set import VARIANTS, from_paths, sample_variants, write_reference_set
+    parity_name = Path(val).name if isinstance(val, str) else getattr(val, "name", "given")
+    ref_k = None
+    if reference is None:
+        # twice K candidates, in a seeded order: near-ties are dropped (reference_set.MIN_MARGIN), then K kept
+        idx = np.random.default_rng(0).permutation(len(data.paths))[:min(2 * reference_k, len(data.paths))]
+        ref_paths, ref_k = [data.paths[i] for i in idx], reference_k
+        ref_source = f"images of the parity set ({parity_name}) in a seed-0 random order"
+    else:
+        items = resolve_set(reference, "test") if isinstance(reference, str) else reference
+        ref_paths = sorted(str(getattr(it, "path", it)) for it in items)
+        ref_source = f"the {len(ref_paths)} images of {Path(reference).name if isinstance(reference, str) else 'a given list'}"
+    if reference_variants:
+        ref_x, _ = sample_variants(ref_paths, spec)
+        ref_source += f", each as is and as {len(VARIANTS) - 1} deterministic variants ({', '.join(VARIANTS[1:])})"
+    else:
+        ref_x = from_paths(ref_paths, spec)
+    rs = write_reference_set(pkg, net, ref_x, ref_source, k=ref_k)
+    log(f"reference set: {rs['shape'][0]} images ({rs['source']})")
+
     # -- record, decide ---------------------------------------------------------------------------
     import cxr_edge, onnx, onnxruntime, openvino, nncf
     pkg.provenance.setdefault("export", {}).update({
         "checkpoint_sha256": __import__("cxr_edge.package", fromlist=["sha256_file"]).sha256_file(checkpoint),
-        "parity_set": {"images": len(data.paths), "source": Path(val).name if isinstance(val, str) else "given",  # no host paths in model.json
-                       "reference_accuracy": ref_acc},
+        "parity_set": {"images": len(data.paths), "source": Path(val).name if isinstance(val, str) else getattr(val, "name", "given"),  # no host paths in model.json
+                       "reference_accuracy": ref_acc,
+                       **({"by_source": {u: data.sources.count(u) for u in sorted(set(data.sources))}}
+                          if any(data.sources) else {})},
         "versions": {"cxr_edge": cxr_edge.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "nncf": nncf.__version__},
         "host": platform.processor() or platform.machine(),
@@ -248,6 +328,6 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
         pkg.artifacts = [a for a in pkg.artifacts if a not in failed]
     pkg.write()
     log(table)
-    if any(not g["passed"] for _, _, g in rows) and not keep_failed:
+    if any(not g.passed for _, _, g in rows) and not keep_failed:
         raise GateFailed(table, pkg)
     return pkg

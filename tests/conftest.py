@@ -18,6 +18,18 @@ CXR = SHARED_DATA / "cxr"
 CXR_DICOM = SHARED_DATA / "cxr-dicom"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verdict_cache(tmp_path_factory):
+    """On-device verdicts (cxr_edge.verify) go to a per-session cache, never the user's."""
+    old = os.environ.get("CXR_EDGE_CACHE")
+    os.environ["CXR_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cxr-edge-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CXR_EDGE_CACHE", None)
+    else:
+        os.environ["CXR_EDGE_CACHE"] = old
+
+
 def sample_images() -> list[Path]:
     return sorted(SAMPLES.glob("*.jpeg"))
 

@@ -14,7 +14,7 @@ from conftest import SAMPLES, build_checkpoint
 pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from cxr_edge.backends import candidates  # noqa: E402
+from cxr_edge.backends import decide  # noqa: E402
 from cxr_edge.package import Artifact, ModelPackage  # noqa: E402
 
 
@@ -66,10 +66,10 @@ def test_recorded_parity_matches_recomputation(tiny_package, tiny_checkpoint, ba
         assert all(r.ok for r in res)
         probs = np.array([[r.probabilities[c] for c in pkg.classes] for r in res])
     again = compare(ref, probs, None, pkg.classes, pkg.normal_class)
-    assert again["top1_agreement"] == pytest.approx(recorded["top1_agreement"])
-    assert again["max_abs_dp"] == pytest.approx(recorded["max_abs_dp"], abs=1e-5 if precision == "fp32" else 1e-3)
+    assert again.agreement == pytest.approx(recorded["top1_agreement"])
+    assert again.max_abs_dp == pytest.approx(recorded["max_abs_dp"], abs=1e-5 if precision == "fp32" else 1e-3)
     if precision == "fp32":
-        assert again["max_abs_dp"] <= 1e-4
+        assert again.max_abs_dp <= 1e-4
 
 
 def _broken_copy(src_pkg, dst):
@@ -93,17 +93,22 @@ def test_gate_rejects_broken_weights_and_auto_skips_it(tiny_package, tiny_checkp
     broken = _broken_copy(tiny_package, tmp_path / "broken.cxrpkg")
     pkg = ModelPackage.read(broken, verify=False)
     pkg.artifacts = [a for a in pkg.artifacts if a.precision == "fp32"]
+    for f in ("model.int8.onnx",):           # an unlisted weights file is refused by the package reader
+        (broken / f).unlink(missing_ok=True)
     art = pkg.artifact("fp32")
     art.parity, art.gate = {}, {}
     paths = sorted(str(p) for p in SAMPLES.glob("*.jpeg"))
     ref, data = _reference(tiny_checkpoint, paths)
     rows = gate_artifact(pkg, art, ref, data, log=lambda m: None)
-    assert rows and all(not g["passed"] for _, _, g in rows), "negated stem weights must fail the fp32 gate"
-    assert any("max |dp|" in f for _, _, g in rows for f in g["failures"])
+    assert rows and all(not g.passed for _, _, g in rows), "negated stem weights must fail the fp32 gate"
+    assert any("max |dp|" in f for _, _, g in rows for f in g.failures)
     pkg.write()
-    found, skipped = candidates(ModelPackage.read(broken), "auto", "auto")
-    assert [c.backend for c in found] == ["torch"], "auto may only fall back to the reference, never a failed artifact"
-    assert any("did not pass its parity gate" in s for s in skipped)
+    # what auto would serve, after verifying on this device whatever needs it (bf16/fp16 on CPUs
+    # that have them): the same answer on every CPU family
+    d = decide(ModelPackage.read(broken), "auto", "auto", measure=True)
+    d.close()
+    assert [c.backend for c in d.ranked] == ["torch"], "auto may only fall back to the reference, never a failed artifact"
+    assert any("did not pass its parity gate" in s for s in d.skipped)
 
 
 def test_export_is_deterministic(tiny_checkpoint, tmp_path):
@@ -120,7 +125,9 @@ def test_int8_export_is_repeatable_within_tolerance(tiny_package, tiny_checkpoin
     pkg = ModelPackage.read(tiny_package)
     paths = sorted(str(p) for p in SAMPLES.glob("*.jpeg"))
     data = load_images(paths, pkg.preprocess)
-    again = quantize_ptq(pkg.path(pkg.artifact("fp32")), tmp_path / "model.int8.onnx", data.tensors)
+    # same settings as the package's int8 (its gate may have made export retry with an ignored scope)
+    again = quantize_ptq(pkg.path(pkg.artifact("fp32")), tmp_path / "model.int8.onnx", data.tensors,
+                         ignored=pkg.artifact("int8").extra.get("ignored"))
     shutil.copy(again, tmp_path / "again.onnx")
     first = run_backend(pkg, pkg.artifact("int8"), "onnxruntime", "int8", data.tensors)
     pkg2 = ModelPackage(root=tmp_path, name="x", classes=pkg.classes, preprocess=pkg.preprocess)

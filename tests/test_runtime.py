@@ -100,9 +100,11 @@ def test_auto_choice_is_fastest_gated(clfs, pkg):
         clf.close()
         clf = clfs[(clf.backend_name, clf.precision)]
     assert clf.why.startswith(f"chose {clf.backend_name} {clf.precision}")
-    int8 = pkg.artifact("int8", "onnx-qdq")
-    if backend_status()["openvino"][0] and int8 is not None and int8.passed_for("openvino", "int8"):
-        assert (clf.backend_name, clf.precision) == ("openvino", "int8")   # the fastest gated choice on a CPU
+    # auto ranks by speed measured here (cxr_edge.verify.rank): the why names the evidence
+    ranked = [e.key for e in clf.backend.evidence]
+    assert ranked[0] == f"{clf.backend_name}/{clf.precision}" and "| evidence: " in clf.why
+    if len(ranked) > 1 and not ranked[0].startswith("torch/"):
+        assert "auto: " in clf.why and "img/s" in clf.why
     r = clf.predict_one(sample_images()[0])
     assert r.ok and r.backend == clf.backend_name
 
