@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cxr_edge.parity import TOO_FEW
+
 
 def _f(v, fmt="{:.1f}", none="–"):
     return none if v is None else fmt.format(v)
@@ -30,9 +32,16 @@ def _by_source_cell(par: dict) -> str:
     return ", ".join(f"{k} {v['n'] - v['disagreements']}/{v['n']}" for k, v in bs.items()) or "–"
 
 
+def _too_few(g: dict | None) -> bool:
+    """The bench set was too small for any verdict (not a parity failure)."""
+    return bool(g) and not g.get("passed") and bool(g.get("failures")) \
+        and all(f.startswith(TOO_FEW) for f in g["failures"])
+
+
 def _gate_cell(c):
     g = c["results"].get("gate_bench")
-    bench = "" if not g else (" / bench PASS" if g["passed"] else " / bench FAIL")
+    bench = "" if not g else (" / bench PASS" if g["passed"] else
+                              " / bench: too few images" if _too_few(g) else " / bench FAIL")
     recorded = c["gate"]
     short = recorded if len(recorded) <= 22 else recorded[:20] + "…"
     return short + bench
@@ -208,7 +217,7 @@ def draw_chart(report: dict, path: Path) -> Path:
         par = c["results"].get("parity") or {}
         g = c["results"].get("gate_bench") or {}
         agree = par.get("top1_agreement")
-        passed = g.get("passed", c["reference"])
+        passed = g.get("passed", c["reference"]) or _too_few(g)
         label = f"{c['key']}  agree {_pct(agree)}" + ("" if passed else "  ✗ parity FAIL") + (" (auto)" if c["auto"] else "")
         ax.plot(bs, ips, ("--" if c["reference"] else "-"), color=colors[i % len(colors)],
                 marker="o" if passed else "X", markersize=9 if not passed else 7,
@@ -241,7 +250,8 @@ def draw_chart(report: dict, path: Path) -> Path:
             names.append(c["key"] + (" (auto)" if c["auto"] else ""))
             vals.append(e["ips"])
             cols.append(colors[i % len(colors)])
-            fails.append(not (c["results"].get("gate_bench") or {}).get("passed", c["reference"]))
+            g = c["results"].get("gate_bench") or {}
+            fails.append(not (g.get("passed", c["reference"]) or _too_few(g)))
     rp = report.get("reference_pipeline")
     if rp and rp.get("status") == "ok":
         names.append("torchvision + torch\n(reference pipeline)")

@@ -141,6 +141,9 @@ def compare(ref_probs: np.ndarray, probs: np.ndarray, labels: np.ndarray | None 
     return st
 
 
+TOO_FEW = "too few images to decide"
+
+
 def judge(stats: ParityStats, precision: str, classes: list = (), normal_class: str | None = None,
           tolerance: Tolerance | None = None, source: str = "export") -> Verdict:
     """Apply formats.TOLERANCES[precision] (or `tolerance`) to measured stats."""
@@ -150,7 +153,13 @@ def judge(stats: ParityStats, precision: str, classes: list = (), normal_class: 
     failures = []
     if stats.agreement < tol.min_agreement:
         failures.append(f"top-1 agreement {100 * stats.agreement:.2f}% < {100 * tol.min_agreement:.2f}%")
-    if tol.min_lower_bound is not None and stats.lower_bound < tol.min_lower_bound:
+    if tol.min_lower_bound is not None and stats.lower_bound < tol.min_lower_bound \
+            and wilson_lower_bound(stats.n, stats.n) < tol.min_lower_bound:
+        # no verdict is possible on so few images: say that, not that the precision is bad
+        failures.append(f"{TOO_FEW}: n={stats.n} gives at most a {100 * wilson_lower_bound(stats.n, stats.n):.1f}% "
+                        f"lower bound even with no flips, < {100 * tol.min_lower_bound:.2f}% "
+                        f"({stats.disagreements} flips seen)")
+    elif tol.min_lower_bound is not None and stats.lower_bound < tol.min_lower_bound:
         failures.append(f"agreement lower bound {100 * stats.lower_bound:.2f}% (Wilson 95 %, n={stats.n}, "
                         f"{stats.disagreements} flips) < {100 * tol.min_lower_bound:.2f}%")
     if tol.max_abs_dp is not None and stats.max_abs_dp > tol.max_abs_dp:
