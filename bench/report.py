@@ -56,7 +56,7 @@ def markdown(report: dict) -> str:
     gpu = h["gpu"] if isinstance(h["gpu"], str) else ", ".join(g["name"] for g in h["gpu"])
     v = h["versions"]
     L = [f"# cxr-edge bench: {report['package']['name']}", "",
-         f"- host: {cpu['model']}, {cpu['logical_cores']} logical / {cpu['physical_cores']} physical cores "
+         f"- host: {cpu['model']}, {cpu['logical_cores']} logical / {cpu['physical_cores'] or '?'} physical cores "
          f"(usable {cpu['usable_cores']}), ISA {', '.join(cpu['flags']) or '–'}; GPU: {gpu}",
          f"- load average at start {_f((h.get('loadavg_start') or [None])[0], '{:.2f}')}, end "
          f"{_f((h.get('loadavg_end') or [None])[0], '{:.2f}')}; nice {h.get('nice')}",
@@ -168,6 +168,9 @@ def markdown(report: dict) -> str:
                  f"{par['mean_abs_dp']:.2e} | {_pct(par.get('accuracy'))} | "
                  f"{_f(100 * par['accuracy_delta'] if 'accuracy_delta' in par else None, '{:+.2f}')} | {rd} | "
                  f"{_uncertain_cell(par)} | {_by_source_cell(par)} | {gate} |")
+    if not any(c["results"].get("parity") for c in recs):
+        notes = sorted({c["results"].get("parity_note") for c in recs if c["results"].get("parity_note")})
+        L += ["", "No parity measured: " + ("; ".join(notes) if notes else "no torch fp32 reference ran") + "."]
     L += [""]
 
     # not measured / failed

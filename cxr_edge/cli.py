@@ -325,6 +325,19 @@ def _unavailable(mod, e):
     raise UsageError(f"'cxr-edge {mod}' needs the workbench install (pip install 'cxr-edge[workbench]'): {e}")
 
 
+# which extra brings a missing top-level module (the hint names the right one, not always the workbench)
+_EXTRA_OF = {"torch": "workbench", "torchvision": "workbench", "nncf": "workbench", "safetensors": "workbench",
+             "sklearn": "workbench", "matplotlib": "workbench", "openvino": "openvino", "onnxruntime": "onnxruntime",
+             "onnx": "openvino", "pydicom": "dicom", "highdicom": "dicom-node", "pynetdicom": "dicom-node",
+             "tensorrt": "tensorrt", "cuda": "tensorrt"}
+
+
+def _install_hint(e: ImportError) -> str:
+    top = (getattr(e, "name", None) or "").split(".")[0]
+    extra = _EXTRA_OF.get(top)
+    return f"; pip install 'cxr-edge[{extra}]'" if extra else "; the installation is incomplete (reinstall cxr-edge)"
+
+
 def main(argv=None) -> int:
     """Entry point of `cxr-edge`: parse `argv` (default sys.argv), run the command, return the exit status."""
     try:
@@ -348,8 +361,7 @@ def main(argv=None) -> int:
         print(f"cxr-edge: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
-        print(f"cxr-edge: error: a dependency is missing ({e}); "
-              "the workbench commands need pip install 'cxr-edge[workbench]'", file=sys.stderr)
+        print(f"cxr-edge: error: a dependency is missing ({e}){_install_hint(e)}", file=sys.stderr)
         return 2
 
 

@@ -343,7 +343,7 @@ def _pillow_cannot(fp, name: str) -> bool:
     try:
         info = streams.jpeg_info(data)
     except streams.StreamError as e:   # e.g. height 0: say so, not "not a recognised image file"
-        raise DecodeError(f"{name}: corrupt JPEG ({e})") from None
+        raise DecodeError(f"{name}: corrupt or truncated image (JPEG: {e})") from None
     return info.kind == "jpeg-ls" or info.precision != 8 or "lossless" in info.process or "differential" in info.process
 
 
@@ -360,7 +360,7 @@ def _decode_jpeg_plugin(data: bytes, name: str, pillow_error: Exception) -> Deco
     try:
         info = streams.jpeg_info(data)
     except streams.StreamError as e:
-        raise DecodeError(f"{name}: corrupt JPEG ({e})") from None
+        raise DecodeError(f"{name}: corrupt or truncated image (JPEG: {e})") from None
     if info.width * info.height > MAX_PIXELS:
         raise DecodeError(f"{name}: {info.width}x{info.height} pixels exceeds the decompression-bomb limit of {MAX_PIXELS:,}")
     what = f"{info.precision}-bit {info.process} {'JPEG-LS' if info.kind == 'jpeg-ls' else 'JPEG'}"

@@ -420,4 +420,4 @@ def test_cli_decode_limits_validated():
 def test_plain_jpeg_with_height_zero_named(tmp_path):
     p = tmp_path / "dnl.jpg"
     p.write_bytes(H.patch_sof(H.pillow_jpeg(G8), height=0))
-    _refused(p, "dnl.jpg: corrupt JPEG", "height 0")
+    _refused(p, "dnl.jpg: corrupt or truncated image (JPEG", "height 0")
