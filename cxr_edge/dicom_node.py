@@ -444,6 +444,18 @@ def add_parser(sub):
     p.set_defaults(func=cmd_serve_dicom)
 
 
+class _OneLine(logging.Filter):
+    """pynetdicom logs a socket closed under an association (a peer gone, or our shutdown) with a
+    traceback; the node's log stays one line per event: the exception becomes part of the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("pynetdicom"):
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def cmd_serve_dicom(args) -> int:
     from .cli import UsageError
     try:
@@ -464,6 +476,8 @@ def cmd_serve_dicom(args) -> int:
               file=sys.stderr)
     if not args.verbose:
         logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    for h in logging.getLogger().handlers:           # pynetdicom's modules log on child loggers
+        h.addFilter(_OneLine())
     import cxr_edge
     clf = cxr_edge.load(args.model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
                         threads=args.threads)

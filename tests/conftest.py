@@ -30,6 +30,18 @@ def _verdict_cache(tmp_path_factory):
         os.environ["CXR_EDGE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shipped_package_untouched():
+    """Tests link the shipped package's files into scratch packages (hard links: cheap); a test
+    that writes through such a link would corrupt the shipped model. Fail the run if that happened."""
+    from cxr_edge.package import DEFAULT_PACKAGE, ModelPackage
+    yield
+    try:
+        ModelPackage.read(DEFAULT_PACKAGE)
+    except Exception as e:  # noqa: BLE001 - any failure here means a test damaged the shipped package
+        pytest.fail(f"a test modified the shipped model package (restore it with git): {e}")
+
+
 def sample_images() -> list[Path]:
     return sorted(SAMPLES.glob("*.jpeg"))
 

@@ -140,7 +140,11 @@ def main(lib_path: str, vectors: str, scratch_dir: str) -> int:
     (d / meta["artifacts"][0]["file"]).symlink_to("/etc/passwd")
     cases.append(("symlink-passwd", d, "symlink leaving"))
     for f in ("model.safetensors", "weights.bin", "reference.u16"):
-        d = variant(pkg, scratch, "unlisted-" + f)
+        d = variant(pkg, scratch, "unlisted-" + f, edit=lambda m: m.pop("reference_set", None)
+                    if f == "reference.u16" else None)
+        # unlink first: the variant's files are hard links to the real package, and writing through
+        # one would overwrite the shipped file
+        (d / f).unlink(missing_ok=True)
         (d / f).write_bytes(b"\0" * 32)
         cases.append(("unlisted " + f, d, "not listed"))
     d = variant(pkg, scratch, "deep")
