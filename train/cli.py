@@ -33,6 +33,9 @@ def add_parser(sub):
                                       "stop after the last epoch that ends before it, keeping the best checkpoint")
     p.add_argument("--samples-per-epoch", type=int, help="train on a random subset of N images per epoch "
                                                            "(shorter epochs, more checkpoints on a slow CPU)")
+    p.add_argument("--cpu-bf16", choices=["auto", "on", "off"],
+                   help="bf16 autocast when training on the CPU; auto (default): only where the CPU has native "
+                        "bf16 (AVX512-BF16/AMX), since emulated bf16 is slower than fp32")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN/last.pt exists")
     p.add_argument("--hold-out", nargs="*", default=[],
                    help="image files whose patients are forced into the test split (e.g. samples/)")
@@ -64,6 +67,8 @@ def run(args) -> int:
                           in_channels=args.in_channels, init=args.init, init_path=args.init_path)
     if getattr(args, "deadline", None):
         cfg["deadline"] = args.deadline
+    if getattr(args, "cpu_bf16", None):
+        cfg["cpu_bf16"] = {"auto": "auto", "on": True, "off": False}[args.cpu_bf16]
     if getattr(args, "samples_per_epoch", None):
         cfg["samples_per_epoch"] = int(args.samples_per_epoch)
     if args.layout:

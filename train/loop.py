@@ -196,6 +196,42 @@ def _reseed_worker(worker_id: int):
         aug.rng = np.random.default_rng(torch.initial_seed() % 2 ** 63)
 
 
+# -- precision -----------------------------------------------------------------------------------------
+def cpu_bf16_support() -> tuple[bool, str]:
+    """(native, why): whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from
+    /proc/cpuinfo flags (Linux) and torch's detected CPU capability. Without native bf16, autocast
+    to bf16 on the CPU converts in software and is slower than fp32 (measured: docs/REPRODUCTION.md)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    return native, (f"native bf16 ({', '.join(sorted({'avx512_bf16', 'amx_bf16'} & flags))}), torch capability {cap}"
+                    if native else f"no avx512_bf16/amx_bf16 flag, torch capability {cap}")
+
+
+def _want_cpu_bf16(setting) -> bool:
+    """cfg "cpu_bf16": "auto" (default: on only with native bf16), true (force), false."""
+    if setting == "auto":
+        return cpu_bf16_support()[0]
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"cpu_bf16 must be \"auto\", true or false, got {setting!r}")
+
+
+def autocast_context(dev: torch.device, cpu_bf16: bool = False):
+    """fp16/bf16 autocast on CUDA (AMP), bf16 autocast on the CPU when asked, else a no-op."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cpu_bf16))
+
+
 # -- evaluation ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(net: nn.Module, ds: CachedImages, device, batch_size: int = 32) -> np.ndarray:
@@ -314,6 +350,13 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
         batches = ShardedBatchSampler(train_ds, bs, rank, world, g, drop_last=len(train_ds) > bs)
         loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, generator=g, num_workers=workers,
                                              worker_init_fn=_reseed_worker, pin_memory=dev.type == "cuda")
+    elif cfg.get("samples_per_epoch") and int(cfg["samples_per_epoch"]) < len(train_ds):
+        # shorter epochs (a fresh random subset each epoch, from the same seeded generator): more
+        # frequent validation and checkpoints when one pass over the data takes too long (CPU)
+        sampler = torch.utils.data.RandomSampler(train_ds, num_samples=int(cfg["samples_per_epoch"]), generator=g)
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=workers,
+                                             drop_last=True, worker_init_fn=_reseed_worker if workers else None,
+                                             pin_memory=dev.type == "cuda")
     else:
         loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g,
                                              num_workers=workers, drop_last=len(train_ds) > bs,
@@ -330,6 +373,9 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
     state = {"phase": 0, "epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "history": [], "done": False}
     opt_state = sched_state = None
     scaler = torch.amp.GradScaler(enabled=dev.type == "cuda")
+    cpu_bf16 = dev.type == "cpu" and _want_cpu_bf16(cfg.get("cpu_bf16", "auto"))
+    if rank == 0 and dev.type == "cpu":
+        log(f"cpu bf16 autocast: {'on' if cpu_bf16 else 'off'} ({cpu_bf16_support()[1]})")
     if resume and last_path.is_file():
         saved = torch.load(last_path, map_location="cpu", weights_only=True)
         net.load_state_dict(saved["model"])
@@ -373,7 +419,7 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if channels_last:
                     x = x.to(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                with autocast_context(dev, cpu_bf16):
                     logits = model(x)
                     loss = criterion(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -418,6 +464,10 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
                     w.writerows(state["history"])
             if _should_stop(stop_cfg, state, row):
                 state["done"] = True
+            if _past_deadline(cfg.get("deadline"), time.time() - t):
+                state["done"] = True
+                if rank == 0:
+                    log(f"stopping: another epoch would end after the deadline {cfg['deadline']}")
             phase_over = state["done"] or state["epoch"] >= int(ph["epochs"])
             if rank == 0 and phase_over and len(phases) > 1:
                 # the weights at the end of each phase (e.g. Yapicioglu's feature-extraction result)
@@ -440,6 +490,21 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
         dist.barrier()
     best = json.loads(json.dumps(state["history"]))
     return TrainResult(run_dir, best_path, best, {"best_" + monitor: state["best_score"]})
+
+
+def _past_deadline(deadline, epoch_seconds: float) -> bool:
+    """deadline: a Unix time (number) or ISO-8601 text (UTC unless it names a zone), or None.
+    True when one more epoch of `epoch_seconds` (this epoch's training + validation time) would
+    end after it: the run then stops with its best checkpoint so far."""
+    if not deadline:
+        return False
+    if isinstance(deadline, (int, float)):
+        end = float(deadline)
+    else:
+        from datetime import datetime, timezone
+        d = datetime.fromisoformat(str(deadline))
+        end = (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+    return time.time() + epoch_seconds > end
 
 
 def _should_stop(cfg: dict, state: dict, row: dict) -> bool:

@@ -1,0 +1,419 @@
+"""Calibration, operating point and input-guard thresholds for a trained model (issue 17).
+
+    # 1. logits + GAP features of the val/test split, the data set's lateral views and generated
+    #    non-radiographs (one forward pass each; minutes on a CPU)
+    python -m cxr_edge.train.calibrate collect --checkpoint RUN/best.safetensors \
+        --split RUN/split.json --data ../shared/data/cxr --out RUN/calib.npz
+    # 2. temperature, ECE, sensitive operating point, OOD threshold -> a model.json fragment + report
+    python -m cxr_edge.train.calibrate fit RUN/calib.npz --out RUN/calibration.json
+    # 3. after export: write the fragment into a package's model.json (keys calibration,
+    #    operating_points, input_guard; checksums are re-stamped by ModelPackage.write)
+    python -m cxr_edge.train.calibrate apply PACKAGE RUN/calibration.json
+
+Rules (also in docs/REPRODUCTION.md and the runtime, cxr_edge/guard.py):
+- temperature T: one scalar minimising the validation NLL of softmax(logits / T); the runtime
+  reports softmax(logits / T). Argmax labels are unchanged by T.
+- operating point "sensitive": call an image normal only when the calibrated p(normal) >= t,
+  otherwise the most probable disease class; t is the smallest value on a grid whose validation
+  disease sensitivity (any disease not called normal) reaches the target (default 0.95).
+- input guard: score = logsumexp(logits / T) (negative free energy); below the threshold the
+  result carries a warning, and above a second one too (the network is more confident on many
+  non-radiographs than on X-rays). Thresholds: the 2 % and 99 % quantiles of the score on
+  validation frontal radiographs; false-alarm rate measured on the test split, miss rates on the
+  lateral views and on generated non-radiographs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cxr_edge.guard import CHEST_BODY_PARTS, LATERAL_VIEWS  # noqa: E402 (one list, runtime and fit)
+
+SYNTH_KINDS = ("uniform_noise", "gaussian_noise", "cloud_noise", "linear_gradient", "radial_gradient",
+               "text_page", "stripes", "checkerboard", "shapes", "blank", "blobs_photo", "dark_text")
+
+
+# -- generated non-radiographs ----------------------------------------------------------------------
+def synthetic_image(kind: str, seed: int, size: int = 256) -> np.ndarray:
+    """A deterministic (size, size) float32 0..1 image that is not a chest radiograph."""
+    from PIL import Image, ImageDraw, ImageFilter
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if kind == "uniform_noise":
+        x = r.uniform(0, 1, (size, size))
+    elif kind == "gaussian_noise":
+        x = np.clip(r.normal(r.uniform(0.3, 0.7), r.uniform(0.05, 0.3), (size, size)), 0, 1)
+    elif kind == "cloud_noise":   # 1/f^beta noise: natural-texture statistics
+        f = np.fft.fftfreq(size)[:, None] ** 2 + np.fft.fftfreq(size)[None, :] ** 2
+        f[0, 0] = 1
+        spec = (r.normal(size=(size, size)) + 1j * r.normal(size=(size, size))) / f ** (r.uniform(0.8, 1.6) / 2)
+        x = np.real(np.fft.ifft2(spec))
+        x = (x - x.min()) / (np.ptp(x) + 1e-9)
+    elif kind == "linear_gradient":
+        a = r.uniform(0, 2 * math.pi)
+        x = np.cos(a) * xx + np.sin(a) * yy
+        x = (x - x.min()) / (np.ptp(x) + 1e-9)
+    elif kind == "radial_gradient":
+        cx, cy = r.uniform(0.2, 0.8, 2)
+        x = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+        x = 1 - x / x.max() if r.random() < 0.5 else x / x.max()
+    elif kind in ("text_page", "dark_text"):
+        bg, fg = (1.0, 0.0) if kind == "text_page" else (0.0, 1.0)
+        img = Image.new("F", (size, size), bg)
+        d = ImageDraw.Draw(img)
+        words = ["patient", "report", "chest", "normal", "lorem", "ipsum", "2026", "findings", "dose", "mAs"]
+        y = 4
+        while y < size - 10:
+            d.text((4, y), " ".join(r.choice(words, int(r.integers(3, 9)))), fill=fg)
+            y += int(r.integers(10, 16))
+        x = np.asarray(img)
+    elif kind == "stripes":
+        per = r.uniform(4, 40)
+        x = 0.5 + 0.5 * np.sin(2 * math.pi * (xx if r.random() < 0.5 else yy) * size / per)
+    elif kind == "checkerboard":
+        n = int(r.integers(2, 16))
+        x = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(np.float32)
+    elif kind == "shapes":
+        img = Image.new("L", (size, size), int(r.integers(0, 256)))
+        d = ImageDraw.Draw(img)
+        for _ in range(int(r.integers(3, 12))):
+            box = sorted(r.uniform(0, size, 2)), sorted(r.uniform(0, size, 2))
+            b = [box[0][0], box[1][0], box[0][1], box[1][1]]
+            (d.ellipse if r.random() < 0.5 else d.rectangle)(b, fill=int(r.integers(0, 256)))
+        x = np.asarray(img.filter(ImageFilter.GaussianBlur(float(r.uniform(0, 3)))), np.float32) / 255.0
+    elif kind == "blank":
+        x = np.full((size, size), float(r.choice([0.0, 0.5, 1.0, r.uniform(0, 1)])))
+    elif kind == "blobs_photo":   # smooth blobs + texture: a gray "photograph"
+        x = np.zeros((size, size), np.float32)
+        for _ in range(int(r.integers(4, 12))):
+            cx, cy, s = r.uniform(0, 1), r.uniform(0, 1), r.uniform(0.05, 0.3)
+            x += r.uniform(-1, 1) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+        x += 0.05 * r.normal(size=(size, size))
+        x = (x - x.min()) / (np.ptp(x) + 1e-9)
+    else:
+        raise ValueError(f"unknown synthetic kind {kind!r}; expected one of {SYNTH_KINDS}")
+    return np.clip(np.asarray(x, np.float32), 0, 1)
+
+
+def synthetic_set(per_kind: int = 10, seed: int = 1234) -> list[tuple[str, np.ndarray]]:
+    return [(k, synthetic_image(k, seed + 1000 * i + j)) for i, k in enumerate(SYNTH_KINDS) for j in range(per_kind)]
+
+
+# -- forward passes ----------------------------------------------------------------------------------
+def _forward(net, arrays, spec, batch: int = 16):
+    """arrays: resampled (size, size) 0..1 images -> (logits (N, K) float32, GAP features (N, C) float32)."""
+    import torch
+    from cxr_edge.preprocess import normalise
+    logits, feats = [], []
+    net.eval()
+    with torch.inference_mode():
+        for i in range(0, len(arrays), batch):
+            x = torch.from_numpy(np.stack([normalise(a.astype(np.float32), spec) for a in arrays[i:i + batch]]))
+            lo, f = net.forward_with_features(x)
+            logits.append(lo.float().numpy())
+            feats.append(f.float().mean((2, 3)).numpy())
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+def collect(checkpoint, split_json, data_dir, out, per_kind: int = 10, log=print) -> Path:
+    """Write OUT (.npz): for parts val, test, lateral, synthetic — logits, GAP features, labels
+    (class index, -1 for lateral/synthetic), sources/kinds, paths."""
+    import torch
+    from cxr_edge.decode import decode
+    from cxr_edge.preprocess import PreprocessSpec, resample
+
+    from .checkpoint import load_checkpoint
+    from .experiment import read_split
+    torch.set_num_threads(2)
+    net, meta = load_checkpoint(checkpoint)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    classes = meta["classes"]
+    load = lambda p: resample(decode(p, min_side=spec.decode_hint()).pixels, spec)
+    parts = {}
+    for part in ("val", "test"):
+        ss = read_split(split_json, part)
+        with ThreadPoolExecutor(2) as ex:
+            arrays = list(ex.map(load, [s.path for s in ss]))
+        lo, f = _forward(net, arrays, spec)
+        parts[part] = (lo, f, np.array([classes.index(s.label) for s in ss]), [s.source for s in ss],
+                       [s.path for s in ss])
+        log(f"{part}: {len(ss)} images")
+    root = Path(data_dir)
+    with open(root / "manifest.csv", newline="") as fh:
+        lat = [r for r in csv.DictReader(fh) if r.get("view") == "L"]
+    arrays = [load(str(root / r["path"])) for r in lat]
+    lo, f = _forward(net, arrays, spec)
+    parts["lateral"] = (lo, f, np.full(len(lat), -1), [r["source"] for r in lat], [r["path"] for r in lat])
+    log(f"lateral: {len(lat)} images")
+    syn = synthetic_set(per_kind)
+    lo, f = _forward(net, [resample(a, spec) for _, a in syn], spec)
+    parts["synthetic"] = (lo, f, np.full(len(syn), -1), [k for k, _ in syn], [f"synthetic:{k}" for k, _ in syn])
+    log(f"synthetic: {len(syn)} images")
+    arrs = {}
+    for part, (lo, f, y, src, paths) in parts.items():
+        arrs[f"{part}_logits"], arrs[f"{part}_features"], arrs[f"{part}_labels"] = lo, f, y
+        arrs[f"{part}_sources"], arrs[f"{part}_paths"] = np.array(src), np.array(paths)
+    arrs["classes"] = np.array(classes)
+    arrs["normal_class"] = np.array(meta.get("normal_class") or "")
+    arrs["checkpoint"] = np.array(str(checkpoint))
+    out = Path(out)
+    np.savez_compressed(out, **arrs)
+    return out
+
+
+
+# -- fitting -----------------------------------------------------------------------------------------
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(1)
+    return m + np.log(np.exp(z - m[:, None]).sum(1))
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, t: float = 1.0) -> float:
+    z = logits / t
+    return float(np.mean(_logsumexp(z) - z[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T in [0.05, 20] minimising the NLL of softmax(logits / T) (log grid, then a finer grid)."""
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
+    best = grid[int(np.argmin([nll(logits, labels, t) for t in grid]))]
+    fine = np.exp(np.linspace(np.log(best) - 0.02, np.log(best) + 0.02, 81))
+    return float(fine[int(np.argmin([nll(logits, labels, t) for t in fine]))])
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top-1 confidence, equal-width bins on (0, 1]."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    out = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            out += m.mean() * abs(float((pred[m] == labels[m]).mean()) - float(conf[m].mean()))
+    return float(out)
+
+
+def operating_point_predict(probs: np.ndarray, normal_index: int, normal_min: float) -> np.ndarray:
+    """The "sensitive" rule: normal only when p(normal) >= normal_min, else the most probable
+    disease class. probs (N, K) -> (N,) int predictions."""
+    masked = probs.copy()
+    masked[:, normal_index] = -1.0
+    disease = masked.argmax(1)
+    return np.where(probs[:, normal_index] >= normal_min, normal_index, disease)
+
+
+def _binary(pred: np.ndarray, labels: np.ndarray, normal_index: int, classes) -> dict:
+    dis = labels != normal_index
+    called = pred != normal_index
+    out = {"n": int(len(labels)),
+           "sensitivity": float(called[dis].mean()) if dis.any() else None,
+           "specificity": float((~called[~dis]).mean()) if (~dis).any() else None,
+           "accuracy": float((pred == labels).mean()) if len(labels) else None}
+    for i, c in enumerate(classes):
+        if i != normal_index:
+            m = labels == i
+            out[f"{c}_called_normal"] = int((pred[m] == normal_index).sum())
+            out[f"{c}_n"] = int(m.sum())
+    return out
+
+
+def choose_operating_point(probs, labels, normal_index: int, target: float = 0.95) -> float:
+    """Smallest t on a 0.005 grid in [0.5, 0.995] whose disease sensitivity reaches `target`
+    (0.995 when none does)."""
+    for t in np.round(np.arange(0.5, 0.9951, 0.005), 3):
+        pred = operating_point_predict(probs, normal_index, float(t))
+        dis = labels != normal_index
+        if (pred[dis] != normal_index).mean() >= target:
+            return float(t)
+    return 0.995
+
+
+def _auroc(id_score: np.ndarray, ood_score: np.ndarray) -> float | None:
+    """AUROC of telling in-distribution (higher score) from OOD; None when a side is empty."""
+    if not len(id_score) or not len(ood_score):
+        return None
+    from .metrics import roc_auc_binary
+    return roc_auc_binary(np.r_[np.ones(len(id_score)), np.zeros(len(ood_score))], np.r_[id_score, ood_score])
+
+
+def _mahalanobis(fit_feats: np.ndarray, fit_labels: np.ndarray, k: int):
+    """Score function: minus the smallest class-conditional Mahalanobis distance (shared,
+    shrunk covariance) of GAP features; higher = more in-distribution."""
+    mus = np.stack([fit_feats[fit_labels == c].mean(0) for c in range(k)])
+    centred = fit_feats - mus[fit_labels]
+    cov = np.cov(centred, rowvar=False)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    prec = np.linalg.inv(cov)
+
+    def score(f):
+        d = np.stack([np.einsum("ij,jk,ik->i", f - m, prec, f - m) for m in mus], 1)
+        return -d.min(1)
+    return score
+
+
+def fit(npz, target_sensitivity: float = 0.95, id_quantile: float = 0.02, id_quantile_high: float = 0.99,
+        temperature: float | None = None) -> dict:
+    """Fit temperature, the sensitive operating point and the input-guard threshold from a
+    `collect` file; returns the model.json fragment plus a "report" (not for model.json)."""
+    from .metrics import classification_report
+    d = np.load(npz, allow_pickle=False)
+    classes = [str(c) for c in d["classes"]]
+    normal = str(d["normal_class"])
+    ni = classes.index(normal)
+    Lv, yv, Lt, yt = d["val_logits"], d["val_labels"], d["test_logits"], d["test_labels"]
+    T = fit_temperature(Lv, yv) if temperature is None else float(temperature)   # a given T: thresholds for it
+    pv0, pv, pt0, pt = _softmax(Lv), _softmax(Lv / T), _softmax(Lt), _softmax(Lt / T)
+    calib = {"method": "temperature", "temperature": round(T, 4),
+             "fitted_on": f"validation split ({len(yv)} images), minimum NLL" if temperature is None else
+                          f"fixed (given); fitted value on the validation split: {fit_temperature(Lv, yv):.4f}",
+             "ece_15_bins": {"val_before": round(ece(pv0, yv), 4), "val_after": round(ece(pv, yv), 4),
+                             "test_before": round(ece(pt0, yt), 4), "test_after": round(ece(pt, yt), 4)},
+             "nll": {"val_before": round(nll(Lv, yv), 4), "val_after": round(nll(Lv, yv, T), 4),
+                     "test_before": round(nll(Lt, yt), 4), "test_after": round(nll(Lt, yt, T), 4)}}
+    t = choose_operating_point(pv, yv, ni, target_sensitivity)
+    op = {"rule": f"label {normal} only when the calibrated p({normal}) >= normal_min_probability, "
+                  "otherwise the most probable disease class",
+          "normal_min_probability": t, "target_sensitivity": target_sensitivity,
+          "chosen_on": "validation split",
+          "val": _binary(operating_point_predict(pv, ni, t), yv, ni, classes),
+          "test": _binary(operating_point_predict(pt, ni, t), yt, ni, classes),
+          "test_default_argmax": _binary(pt.argmax(1), yt, ni, classes)}
+    # input guard
+    sv, st = _logsumexp(Lv / T), _logsumexp(Lt / T)
+    sl, ss = _logsumexp(d["lateral_logits"] / T), _logsumexp(d["synthetic_logits"] / T)
+    kinds = [str(k) for k in d["synthetic_sources"]]
+    thr, hi = float(np.quantile(sv, id_quantile)), float(np.quantile(sv, id_quantile_high))
+    warn = lambda s: (s < thr) | (s > hi)   # noqa: E731
+    per_kind = {k: round(float((~warn(ss[np.array(kinds) == k])).mean()), 3) for k in sorted(set(kinds))}
+    rates = {"false_alarm_test_frontal": round(float(warn(st).mean()), 4), "n_test": int(len(st)),
+             "false_alarm_val_frontal": round(float(warn(sv).mean()), 4),
+             "miss_lateral": round(float((~warn(sl)).mean()), 4), "n_lateral": int(len(sl)),
+             "miss_synthetic": round(float((~warn(ss)).mean()), 4), "n_synthetic": int(len(ss)),
+             "miss_synthetic_by_kind": per_kind}
+    maha = _mahalanobis(d["val_features"], yv, len(classes))
+    ood_all = np.r_[sl, ss]
+    auroc = {"energy_test_vs_lateral": _auroc(st, sl), "energy_test_vs_synthetic": _auroc(st, ss),
+             "msp_test_vs_lateral": _auroc(pt.max(1), _softmax(d["lateral_logits"] / T).max(1)),
+             "msp_test_vs_synthetic": _auroc(pt.max(1), _softmax(d["synthetic_logits"] / T).max(1)),
+             "mahalanobis_gap_test_vs_lateral": _auroc(maha(d["test_features"]), maha(d["lateral_features"])),
+             "mahalanobis_gap_test_vs_synthetic": _auroc(maha(d["test_features"]), maha(d["synthetic_features"]))}
+    guard = {"score": "logsumexp(logits / temperature)", "warn_below": round(thr, 4), "warn_above": round(hi, 4),
+             "calibrated_on": f"the {id_quantile:.0%} and {id_quantile_high:.0%} quantiles of the score on {len(sv)} "
+                              "validation frontal radiographs",
+             "rates": rates,
+             "dicom": {"body_part_ok": list(CHEST_BODY_PARTS), "lateral_views": list(LATERAL_VIEWS)}}
+    # test metrics with calibrated probabilities (argmax unchanged), per source
+    rep = classification_report(yt, pt, classes, normal)
+    srcs = np.array([str(x) for x in d["test_sources"]])
+    by_source = {s: classification_report(yt[srcs == s], pt[srcs == s], classes, normal) for s in sorted(set(srcs))}
+    report = {"checkpoint": str(d["checkpoint"]), "test": rep, "test_by_source": by_source,
+              "val": classification_report(yv, pv, classes, normal), "ood_auroc": auroc,
+              "ood_scores": {"val_q01_q05_q50": np.quantile(sv, [0.01, 0.05, 0.5]).round(3).tolist(),
+                             "lateral_q50_q95": np.quantile(sl, [0.5, 0.95]).round(3).tolist(),
+                             "synthetic_q50_q95": np.quantile(ss, [0.5, 0.95]).round(3).tolist()}}
+    return {"calibration": calib, "operating_points": {"sensitive": op}, "input_guard": guard, "report": report}
+
+
+def apply(package_dir, fragment) -> Path:
+    """Write the fragment's calibration / operating_points / input_guard into PACKAGE's model.json."""
+    from cxr_edge.package import ModelPackage
+    frag = json.loads(Path(fragment).read_text())
+    pkg = ModelPackage.read(package_dir)
+    for key in ("calibration", "operating_points", "input_guard"):
+        if key in frag:
+            setattr(pkg, key, frag[key])
+    out = pkg.write()
+    card = (pkg.provenance or {}).get("model_card")
+    if card:   # re-render MODEL_CARD.md so it shows the new sections (export/model_card.py calls card_lines)
+        from cxr_edge.export.model_card import render
+        (pkg.root / "MODEL_CARD.md").write_text(render(pkg, card))
+    return out
+
+
+
+def card_lines(pkg) -> list[str]:
+    """MODEL_CARD.md sections for the package's calibration, operating points and input guard
+    (empty when it has none): the numbers `fit` measured, with the rules."""
+    cal, ops, guard = (getattr(pkg, k, None) or {} for k in ("calibration", "operating_points", "input_guard"))
+    L: list[str] = []
+    if cal:
+        e, n = cal.get("ece_15_bins", {}), cal.get("nll", {})
+        L += ["", "## Calibration", "",
+              f"Probabilities are softmax(logits / T) with T = {cal.get('temperature')} (temperature scaling, "
+              f"fitted on the {cal.get('fitted_on', 'validation split')}); labels by argmax are unchanged.", "",
+              "| split | ECE before % | ECE after % | NLL before | NLL after |", "|---|---:|---:|---:|---:|"]
+        for part in ("val", "test"):
+            if f"{part}_before" in e:
+                L.append(f"| {part} | {100 * e[f'{part}_before']:.1f} | {100 * e[f'{part}_after']:.1f} | "
+                         f"{n.get(f'{part}_before', '')} | {n.get(f'{part}_after', '')} |")
+    for name, op in ops.items():
+        L += ["", f"## Operating point `{name}` (`--operating-point {name}`)", "",
+              f"Rule: {op.get('rule', '')}; threshold {op.get('normal_min_probability')} chosen on the "
+              f"{op.get('chosen_on', 'validation split')} for disease sensitivity >= {op.get('target_sensitivity')}.", "",
+              "| split | rule | n | disease sensitivity % | specificity (normal kept normal) % | accuracy % | disease called normal |",
+              "|---|---|---:|---:|---:|---:|---|"]
+        for key, label in (("val", name), ("test", name), ("test_default_argmax", "argmax (default)")):
+            r = op.get(key)
+            if r:
+                dcn = ", ".join(f"{k[:-len('_called_normal')]} {v}/{r.get(k[:-len('_called_normal')] + '_n')}"
+                                for k, v in r.items() if k.endswith("_called_normal"))
+                L.append(f"| {key.split('_')[0]} | {label} | {r['n']} | {100 * r['sensitivity']:.1f} | "
+                         f"{100 * r['specificity']:.1f} | {100 * r['accuracy']:.1f} | {dcn} |")
+    if guard:
+        r = guard.get("rates", {})
+        L += ["", "## Input guard", "",
+              f"A result carries a warning when the DICOM header says the body part is not the chest or the view is "
+              f"lateral/oblique, or when the out-of-distribution score {guard.get('score')} is below "
+              f"{guard.get('warn_below')} or above {guard.get('warn_above')} ({guard.get('calibrated_on', '')}).", "",
+              f"Measured: false alarms on the test split's frontal radiographs {100 * r.get('false_alarm_test_frontal', 0):.1f} % "
+              f"(n {r.get('n_test')}); missed lateral views {100 * r.get('miss_lateral', 0):.1f} % (n {r.get('n_lateral')}); "
+              f"missed generated non-radiographs {100 * r.get('miss_synthetic', 0):.1f} % (n {r.get('n_synthetic')}: "
+              + ", ".join(f"{k} {100 * v:.0f} %" for k, v in r.get("miss_synthetic_by_kind", {}).items()) + ")."]
+    return L
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cxr_edge.train.calibrate", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--split", required=True)
+    c.add_argument("--data", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--per-kind", type=int, default=10)
+    f = sub.add_parser("fit")
+    f.add_argument("npz")
+    f.add_argument("--out", required=True)
+    f.add_argument("--target-sensitivity", type=float, default=0.95)
+    f.add_argument("--id-quantile", type=float, default=0.02)
+    f.add_argument("--id-quantile-high", type=float, default=0.99)
+    f.add_argument("--temperature", type=float, help="use this T instead of fitting one (e.g. 1: no rescaling)")
+    a = sub.add_parser("apply")
+    a.add_argument("package")
+    a.add_argument("fragment")
+    args = ap.parse_args(argv)
+    if args.cmd == "collect":
+        print(collect(args.checkpoint, args.split, args.data, args.out, args.per_kind))
+    elif args.cmd == "fit":
+        frag = fit(args.npz, args.target_sensitivity, args.id_quantile, args.id_quantile_high, args.temperature)
+        Path(args.out).write_text(json.dumps(frag, indent=2) + "\n")
+        print(json.dumps(frag["report"], indent=1))
+    else:
+        print(apply(args.package, args.fragment))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
