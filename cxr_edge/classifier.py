@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -158,7 +158,6 @@ class Classifier:
 
     def stream(self, inputs: Iterable, explain: bool = False) -> Iterator[Result]:
         """Results in input order as batches complete; memory stays bounded for any input length."""
-        features = explain and self.backend.name != "torch"
         pool = DecodePool(self.decode_workers, self.decode_budget, self.decode_timeout)
         try:
             prep_q: deque = deque()          # (item, task) in input order, bounded lookahead

@@ -9,7 +9,7 @@ re-implements (double-precision weights and sums, float32 storage) to match with
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image

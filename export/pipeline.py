@@ -2,7 +2,6 @@
 each gated by its measured parity with the torch fp32 reference on real labelled images."""
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time

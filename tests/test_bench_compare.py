@@ -2,13 +2,12 @@
 files and its summary (medians over repetitions)."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 
-from cxr_edge.bench.compare import compare, flatten
+from cxr_edge.bench.compare import compare
 from cxr_edge.bench.station import markdown, summarise
 
 

@@ -22,7 +22,7 @@ import pytest
 from cxr_edge.cli import expand_inputs, main
 from cxr_edge.package import MODEL_JSON
 
-from conftest import CXR_DICOM, SAMPLES, sample_images
+from conftest import CXR_DICOM, sample_images
 
 CLASSES = ["covid", "normal", "pneumonia"]
 HEADER = ["path", "status", "label", *[f"p_{c}" for c in CLASSES], "backend", "precision", "warnings", "margin",

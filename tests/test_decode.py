@@ -4,7 +4,6 @@ No model is needed here: these tests compare decoded pixels with what the file h
 from __future__ import annotations
 
 import csv
-import io
 import struct
 import zlib
 

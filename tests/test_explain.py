@@ -354,7 +354,7 @@ def test_mlp_head_grad_cam_on_torch_and_approximate_elsewhere(mlp_package, tmp_p
     for backend in ("openvino", "onnxruntime"):
         try:
             clf = cxr_edge.load(mlp_package, backend=backend, precision="fp32")
-        except Exception as e:
+        except Exception:
             continue
         rs = clf.predict(imgs, explain=True)
         assert clf.cam_engine().approximate

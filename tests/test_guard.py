@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CXR_DICOM, SAMPLES, sample_images
+from conftest import CXR_DICOM, sample_images
 
 import cxr_edge
 from cxr_edge.guard import Guard, OperatingPointError, header_warnings, ood_score

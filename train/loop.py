@@ -19,7 +19,7 @@ from torch import nn
 
 from cxr_edge.decode import decode
 from cxr_edge.train.metrics import classification_report
-from cxr_edge.preprocess import PreprocessSpec, normalise, preprocess, resample
+from cxr_edge.preprocess import PreprocessSpec, normalise, resample
 
 from .augment import Augment
 from .checkpoint import load_checkpoint, save_checkpoint
