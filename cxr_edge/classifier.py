@@ -25,6 +25,16 @@ from .preprocess import preprocess
 
 
 class Classifier:
+    """A model package opened on one backend: decode -> preprocess -> infer -> `Result`, in input order.
+
+    Prefer `load()`. batch_size: 1..MAX_BATCH_SIZE; decode_budget: bytes of decode working set in
+    flight; decode_timeout: seconds per input (inflight.py); operating_point: see guard.py; options:
+    passed to the backend (see each Backend). A bad input becomes an error `Result`, never an exception.
+
+    Raises:
+        ValueError: batch_size, decode_budget or decode_timeout out of range.
+        BackendError, PackageError: no usable backend, or its output width differs from the classes.
+    """
     def __init__(self, package: ModelPackage, backend="auto", precision="auto", batch_size: int = 8,
                  threads: int | None = None, decode_workers: int | None = None, options: dict | None = None,
                  decode_budget: int | None = None, decode_timeout: float | None = None,
@@ -78,10 +88,12 @@ class Classifier:
 
     @property
     def backend_name(self) -> str:
+        """The running backend's name, e.g. "openvino"."""
         return self.backend.name
 
     @property
     def precision(self) -> str:
+        """The running precision, e.g. "int8"."""
         return self.backend.precision
 
     # -- single steps, shared by every path --------------------------------------------------
@@ -131,6 +143,7 @@ class Classifier:
         return results
 
     def cam_engine(self):
+        """The CamEngine for this package and backend, created on first use (thread-safe); CamUnavailable if none."""
         with self._cam_lock:
             if self._cam is None:
                 from .cam import CamEngine
@@ -221,6 +234,7 @@ class Classifier:
         return self.backend.infer_async(batch, features=bool(explain))
 
     def close(self):
+        """Close the backend (also on leaving a `with` block)."""
         self.backend.close()
 
     def __enter__(self):

@@ -35,6 +35,14 @@ class DecodeError(Exception):
 
 @dataclass
 class Decoded:
+    """One decoded input, as `decode` returns it.
+
+    Attributes:
+        pixels: (H, W) float32 0..1, 1 = bright (bone): the DICOM MONOCHROME2 sense (PS3.3 C.7.6.3.1.2).
+        source: the path, or a description of the in-memory input.
+        original_size: (width, height) as displayed (EXIF orientation applied), before any draft downscale.
+        meta: what the decoder found, e.g. "format", "mode", "bits", and "warnings" (list of str).
+    """
     pixels: np.ndarray                 # float32, H x W, 0..1, 1 = bright (bone), MONOCHROME2 sense
     source: str                        # path, or a description of the in-memory input
     original_size: tuple               # (width, height) as displayed (EXIF orientation applied), before any draft downscale

@@ -83,6 +83,13 @@ def parse_forward(text: str) -> tuple[str, int, str]:
 
 
 def check_ae_title(ae: str, what: str = "--ae-title") -> str:
+    """Return `ae` when it is a valid AE title (DICOM PS3.5 section 6.2, VR AE); `what` names the option.
+
+    Rule checked: 1-16 ASCII characters, not all spaces, no backslash.
+
+    Raises:
+        ValueError: naming `what` and the value.
+    """
     if not ae or len(ae) > 16 or not ae.isascii() or "\\" in ae or not ae.strip():
         raise ValueError(f"{what} {ae!r}: an AE title is 1-16 ASCII characters, no backslash")
     return ae
@@ -164,6 +171,11 @@ class DicomNode:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "DicomNode":
+        """Warm up, then listen (non-blocking) and start the classification worker; returns self.
+
+        Accepts the storage SOP classes in ACCEPTED_STORAGE (any transfer syntax) and Verification. With port 0,
+        `self.port` becomes the port actually bound. Raises OSError when the port cannot be bound.
+        """
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         self._warm_up()
         ae = AE(ae_title=self.ae_title)
@@ -457,6 +469,11 @@ class _OneLine(logging.Filter):
 
 
 def cmd_serve_dicom(args) -> int:
+    """`cxr-edge serve-dicom`: run a DicomNode until SIGINT/SIGTERM, then finish received images; returns 0.
+
+    Raises:
+        UsageError: pynetdicom/highdicom missing, or a bad --ae-title, --forward, --port, --batch-size or --queue-size.
+    """
     from .cli import UsageError
     try:
         _require()

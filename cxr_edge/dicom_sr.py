@@ -99,6 +99,7 @@ class AlgorithmInfo:
 
     @classmethod
     def from_classifier(cls, clf) -> "AlgorithmInfo":
+        """The AlgorithmInfo of an open Classifier: package name, model.json digest, backend, precision, artifact."""
         import cxr_edge
         from .package import MODEL_JSON, sha256_file
         pkg = clf.package
@@ -110,6 +111,7 @@ class AlgorithmInfo:
 
     @property
     def parameters(self) -> list[str]:
+        """TID 4019 Algorithm Parameters (DICOM PS3.16): model.json sha256, backend, precision, artifact, disclaimer."""
         return [f"model.json sha256: {self.digest}", f"backend: {self.backend}", f"precision: {self.precision}",
                 f"artifact: {self.artifact}", DISCLAIMER]
 
@@ -345,6 +347,11 @@ class SrWriter:
         self._seen: dict[str, str] = {}   # file name -> source path, to flag duplicate SOP Instance UIDs
 
     def write(self, result) -> tuple[Path | None, str | None]:
+        """Write the SR for one Result to SR_<SOPInstanceUID>.dcm in the folder (atomically).
+
+        Returns (path, note): note is set when an earlier input had the same SOPInstanceUID (replaced);
+        (None, "dicom-sr: ...") when no SR was written (failed result, non-DICOM input, build or write error).
+        """
         try:
             if not result.ok:
                 raise SrError("classification failed")
@@ -370,6 +377,7 @@ class SrWriter:
         return path, note
 
     def summary(self) -> str:
+        """One line for the end of the run: SRs written (and replaced), inputs without an SR."""
         files = len(self._seen)
         dup = f" ({self.written - files} replaced an SR of the same SOPInstanceUID)" if files < self.written else ""
         return (f"--dicom-sr: {self.written} SR written to {self.folder}{dup}, "

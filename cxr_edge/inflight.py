@@ -34,6 +34,7 @@ MAX_ABANDONED = 8
 
 
 def budget_from_env(default: int = DEFAULT_DECODE_BUDGET) -> int:
+    """Decode budget in bytes: $CXR_EDGE_DECODE_MEMORY_MB (MiB, fractional ok), else `default` (also if unparsable)."""
     v = os.environ.get("CXR_EDGE_DECODE_MEMORY_MB")
     try:
         return int(float(v) * (1 << 20)) if v else default
@@ -52,6 +53,7 @@ class ByteBudget:
         self._cv = threading.Condition()
 
     def acquire(self, n: int) -> None:
+        """Block until `n` more bytes fit in the budget, or nothing else is held; then hold them."""
         with self._cv:
             while self.held and self.held + n > self.total:
                 self._cv.wait()
@@ -59,6 +61,7 @@ class ByteBudget:
             self.peak = max(self.peak, self.held)
 
     def release(self, n: int) -> None:
+        """Give back `n` bytes (never below 0) and wake the waiters."""
         with self._cv:
             self.held = max(0, self.held - n)
             self._cv.notify_all()
@@ -130,6 +133,10 @@ class DecodePool:
                 task.future.set_result(result)
 
     def submit(self, fn, arg, cost: int) -> _Task:
+        """Queue fn(arg) with an estimated `cost` in bytes; returns the task to pass to `wait`.
+
+        After MAX_ABANDONED hung decoders the task is not started: `wait` raises RuntimeError for it.
+        """
         task = _Task(fn, arg, max(0, int(cost)))
         if self.abandoned >= MAX_ABANDONED:
             task.future.set_exception(RuntimeError(f"{self.abandoned} decoders hung already; input not started"))
@@ -139,6 +146,11 @@ class DecodePool:
         return task
 
     def wait(self, task: _Task):
+        """fn's result for `task` (re-raising what fn raised).
+
+        Raises:
+            TimeoutError: the task has run for `timeout` seconds or more; its thread is abandoned and replaced.
+        """
         while True:
             started = task.started
             left = 0.25 if started is None else started + self.timeout - time.monotonic()

@@ -57,6 +57,7 @@ class PackageError(Exception):
 
 
 def sha256_file(path: os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -284,6 +285,15 @@ def _onnx_uses_external_data(path: Path) -> bool:
 
 @dataclass
 class Artifact:
+    """One runnable model file of a package (model.json `artifacts[i]`).
+
+    Attributes:
+        file, format, precision: the file name in the package, its format (e.g. "onnx", "openvino-ir"),
+            and the precision it was exported at.
+        sha256, bytes: checksum and size of `file`, as stamped by `ModelPackage.write`.
+        companions: [{file, sha256, bytes}] of other files read with `file` (the OpenVINO IR .bin).
+        parity, gate: keyed by "<backend>/<run precision>": measurements against torch fp32, and the gate verdict.
+    """
     file: str
     format: str
     precision: str
@@ -299,9 +309,11 @@ class Artifact:
     extra: dict = field(default_factory=dict)    # e.g. quantization settings, ignored scope
 
     def passed_for(self, backend: str, precision: str) -> bool:
+        """True when the parity gate for this backend and run precision recorded a pass."""
         return bool(self.gate.get(f"{backend}/{precision}", {}).get("passed"))
 
     def to_dict(self) -> dict:
+        """The artifact as its model.json entry (`companions` only when there are any)."""
         d = {k: getattr(self, k) for k in
              ("file", "sha256", "bytes", "format", "precision", "outputs", "parity", "gate", "extra")}
         if self.companions:
@@ -336,6 +348,10 @@ def unlisted_weights(root: Path, listed: set) -> None:
 
 @dataclass
 class ModelPackage:
+    """A model package directory (`*.cxrpkg`): model.json plus the files it lists with checksums.
+
+    Read one with `ModelPackage.read`; `write` re-stamps checksums and writes model.json.
+    """
     root: Path
     name: str
     classes: list
@@ -354,21 +370,32 @@ class ModelPackage:
 
     # -- lookup ---------------------------------------------------------------------------
     def artifact(self, precision: str, fmt: str | None = None) -> Artifact | None:
+        """The first artifact of this precision (and format, when given), or None."""
         for a in self.artifacts:
             if a.precision == precision and (fmt is None or a.format == fmt):
                 return a
         return None
 
     def path(self, artifact: Artifact) -> Path:
+        """The path of an artifact's file inside the package directory."""
         return self.root / artifact.file
 
     @property
     def disease_classes(self) -> list:
+        """The classes other than `normal_class`, in order."""
         return [c for c in self.classes if c != self.normal_class]
 
     # -- read ----------------------------------------------------------------------------
     @classmethod
     def read(cls, root: os.PathLike | None = None, verify: bool = True) -> "ModelPackage":
+        """Read and validate the package at `root` (default: the bundled default package).
+
+        With `verify`, every listed file's size and SHA-256 are checked and unlisted weights files are refused.
+
+        Raises:
+            PackageError: the directory or model.json is missing, unreadable, not valid JSON, newer than
+                this schema_version, fails the schema or its semantic rules, or a file does not match.
+        """
         root = Path(root) if root is not None else DEFAULT_PACKAGE
         meta_path = root / MODEL_JSON
         if not root.is_dir():
@@ -460,6 +487,7 @@ class ModelPackage:
         return artifact
 
     def to_dict(self) -> dict:
+        """The package as model.json content, at the current SCHEMA_VERSION."""
         return {
             "schema_version": SCHEMA_VERSION,
             "name": self.name,
@@ -476,6 +504,10 @@ class ModelPackage:
         }
 
     def write(self) -> Path:
+        """Stamp sha256/bytes of every listed file as on disk and write model.json atomically.
+
+        Returns the path of model.json (written to a .tmp file, then os.replace).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         for a in self.artifacts:  # checksums always describe the files as written
             _stamp(self.root, a)

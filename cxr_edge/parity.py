@@ -81,6 +81,7 @@ class Verdict:
     skipped: str | None = None
 
     def to_dict(self) -> dict:
+        """The verdict as a model.json gate record: `skipped`, or failures + tolerance; `source` unless "export"."""
         d = {"passed": self.passed}
         if self.skipped is not None:
             d["skipped"] = self.skipped
@@ -104,6 +105,7 @@ class Verdict:
 
     @classmethod
     def not_measured(cls, why: str) -> "Verdict":
+        """A failing verdict for a combination with no measurement, saying why (`skipped`)."""
         return cls(False, [], {}, "not measured", why)
 
 

@@ -19,6 +19,14 @@ RESIZE_POLICIES = ("stretch", "shorter_side_crop")
 
 @dataclass(frozen=True)
 class PreprocessSpec:
+    """How an image becomes a model input (model.json "preprocess"): resize, channels, normalisation.
+
+    Output of `preprocess`: (channels, size, size) float32, ((pixel on 0..1) - mean) / std per channel.
+
+    Raises:
+        ValueError: unknown resize policy or interpolation, channels not 1 or 3, mean/std of the wrong
+            length or std <= 0, resize_size < size for shorter_side_crop, reducing_gap outside 1..64.
+    """
     size: int = 224                       # model input is size x size
     resize: str = "stretch"               # "stretch": whole image to size x size, aspect not kept
                                           # "shorter_side_crop": shorter side to resize_size, centre crop
@@ -54,6 +62,7 @@ class PreprocessSpec:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
     def to_dict(self) -> dict:
+        """The spec as model.json "preprocess" (no reducing_gap key when None: v1 specs stay byte-identical)."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         if d["reducing_gap"] is None:   # v1 specs stay byte-identical, readable by older runtimes
@@ -62,6 +71,11 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        """The spec from model.json "preprocess".
+
+        Raises:
+            ValueError: an unknown key, or a value the spec refuses.
+        """
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

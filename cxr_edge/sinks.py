@@ -155,17 +155,24 @@ def row(r, classes) -> dict:
 
 
 class Sink:
+    """Base class of the CLI result sinks: writes one row per `Result` to the text stream `fp`."""
     def __init__(self, fp, classes):
         self.fp, self.classes = fp, classes
 
     def write(self, r):
+        """Write one result row; each subclass flushes after it."""
         raise NotImplementedError
 
     def close(self):
+        """Flush the stream (it is not closed: the caller owns it)."""
         self.fp.flush()
 
 
 class CsvSink(Sink):
+    """CSV rows of `columns(classes)`, with a header unless `header` is False (--resume appends).
+
+    Text cells are neutralised against CSV injection (OWASP) by `csv_cell`.
+    """
     def __init__(self, fp, classes, header: bool = True):
         super().__init__(fp, classes)
         self.w = csv.writer(fp)
@@ -174,6 +181,7 @@ class CsvSink(Sink):
         fp.flush()
 
     def write(self, r):
+        """Write one result as a CSV row (probabilities and margin to 6 decimals) and flush."""
         d = row(r, self.classes)
         # one write call per row (csv.writer formats the whole line first), then flush: an
         # interrupted run leaves only complete lines behind
@@ -185,15 +193,18 @@ class CsvSink(Sink):
 
 
 class JsonlSink(Sink):
+    """One JSON object per line (`row(r, classes)`); `header` is accepted and ignored."""
     def __init__(self, fp, classes, header: bool = True):
         super().__init__(fp, classes)
 
     def write(self, r):
+        """Write one result as a JSON line and flush."""
         self.fp.write(json.dumps(row(r, self.classes)) + "\n")
         self.fp.flush()
 
 
 class TableSink(Sink):
+    """A fixed-width terminal table, one line per result; uncertain margins are marked `*`."""
     def __init__(self, fp, classes):
         super().__init__(fp, classes)
         self.n_uncertain = 0
@@ -201,6 +212,7 @@ class TableSink(Sink):
                       + "  path\n")
 
     def write(self, r):
+        """Write one result as a table line (an error line shows the message) and flush."""
         if r.ok:
             margin = getattr(r, "margin", None)
             unc = getattr(r, "uncertain", None)
@@ -214,6 +226,7 @@ class TableSink(Sink):
         self.fp.flush()
 
     def close(self):
+        """Write the footnote for uncertain results, if any, then flush."""
         if self.n_uncertain:
             self.fp.write(f"* uncertain ({self.n_uncertain}): top-2 margin below this backend/precision's measured "
                           "near-tie threshold; the reference model may give the runner-up label\n")

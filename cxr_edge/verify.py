@@ -245,6 +245,7 @@ class Speed:
     inputs: str = "reference tensors"
 
     def text(self) -> str:
+        """One-line speed, e.g. "123.4 img/s (batch 8, median of 5)"."""
         return f"{self.images_per_s:.1f} img/s (batch {self.batch}, median of {self.runs})"
 
 
@@ -263,10 +264,12 @@ class Evidence:
 
     @property
     def key(self) -> str:
+        """"<backend>/<precision>", e.g. "openvino/int8"."""
         return f"{self.backend}/{self.precision}"
 
     @property
     def passed(self) -> bool:
+        """True for the reference itself, or when the verdict passed."""
         return self.source == "reference" or bool(self.verdict and self.verdict.passed)
 
     @property
@@ -277,12 +280,14 @@ class Evidence:
         return self.stats.max_abs_dp if self.stats is not None else float("inf")
 
     def where(self) -> str:
+        """Where the evidence comes from: "reference (torch fp32)", "<source> on <n> images", or "not measured"."""
         if self.source == "reference":
             return "reference (torch fp32)"
         n = f" on {self.stats.n} images" if self.stats is not None else ""
         return f"{self.source}{n}" if self.source != "not measured" else "not measured"
 
     def summary(self) -> str:
+        """One line: combination, device, source, agreement and max |dp|, verdict, speed and note, as known."""
         parts = [f"{self.key} on {self.device}: {self.where()}"]
         if self.stats is not None:
             parts.append(f"agreement {100 * self.stats.agreement:.2f}% (95% LB {100 * self.stats.lower_bound:.1f}%), "
@@ -311,6 +316,11 @@ class Evidence:
 
 # -- cache ---------------------------------------------------------------------------------------
 def cache_key(package, artifact, backend: str, precision: str, device: str) -> dict:
+    """The verdict-cache key of one combination on this device, as a JSON-able dict.
+
+    It changes when the package files, the runtime version or the device change (schema, package digest,
+    backend, precision, runtime, device fingerprint), so a cached verdict is never reused across them.
+    """
     return {"schema": CACHE_SCHEMA, "package": package_digest(package, artifact), "backend": backend,
             "precision": precision, "runtime": runtime_version(backend, device),
             "device": device_fingerprint(device)}
@@ -447,6 +457,7 @@ def measure(package, backend, ev: Evidence, key: dict, parity: bool, refset: Ref
 # -- ranking -----------------------------------------------------------------------------------
 @dataclass
 class Ranking:
+    """The order `rank` chose for `auto`: candidates best first, and why the first one was chosen."""
     order: list                       # candidates (objects with .evidence), best first
     reason: str                       # why the first one was chosen
     evidence: list = field(default_factory=list)
@@ -480,6 +491,7 @@ def rank(cands: list, margin: float = AUTO_SPEED_MARGIN) -> Ranking:
 
 
 def tolerance_text(precision: str) -> str:
+    """The nonzero parity tolerances of a precision (formats.TOLERANCES) as "name value, ..."."""
     t = TOLERANCES[precision]
     return ", ".join(f"{k} {v}" for k, v in t.__dict__.items() if v)
 
@@ -546,6 +558,7 @@ def verify_combinations(package, backends=None, precisions=None, threads=None, o
 
 
 def add_parser(sub) -> None:
+    """Add the `cxr-edge verify` subcommand (options and exit statuses) to an argparse subparsers object."""
     p = sub.add_parser(
         "verify", help="verify every backend/precision on this device against the package's reference set",
         description="Run each backend x precision available here on the package's reference set, compare with "

@@ -20,6 +20,12 @@ log = logging.getLogger("cxr_edge")
 
 @dataclass
 class Choice:
+    """One usable (backend, precision) candidate for a package on this machine.
+
+    Attributes:
+        artifact: the package Artifact it runs; reason: why it is usable; device: "cpu" or "cuda".
+        evidence: its verify.Evidence; cache_key: its verdict-cache key (verify.cache_key).
+    """
     backend: str
     precision: str
     artifact: object      # package Artifact
@@ -30,6 +36,7 @@ class Choice:
 
     @property
     def key(self) -> str:
+        """"<backend>/<precision>", e.g. "openvino/int8"."""
         return f"{self.backend}/{self.precision}"
 
     @property
@@ -39,6 +46,7 @@ class Choice:
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
+    """{backend name: (usable here, why or why not)} for every registered backend, in BACKEND_ORDER."""
     return {name: REGISTRY[name].available() for name in BACKEND_ORDER if name in REGISTRY}
 
 
@@ -112,6 +120,11 @@ def choose(package, backend: str = "auto", precision: str = "auto", options: dic
 
 
 def open_backend(package, choice: Choice, threads=None, options=None) -> Backend:
+    """Open the chosen backend on its artifact (loads the model).
+
+    Raises:
+        BackendError: the backend could not load the model.
+    """
     return REGISTRY[choice.backend](package, choice.artifact, choice.precision, threads, options)
 
 
@@ -125,9 +138,11 @@ class Decision:
 
     @property
     def evidence(self) -> list:
+        """The evidence of every ranked candidate, best first."""
         return [c.evidence for c in self.ranked]
 
     def close(self, keep: Backend | None = None):
+        """Close every backend opened while deciding, except `keep` (the one the caller uses)."""
         for b in self.opened.values():
             if b is not keep:
                 b.close()
@@ -135,6 +150,7 @@ class Decision:
 
 
 def status_text(c: Choice) -> str:
+    """The backend's availability message (the `why` of `available()`) for a choice."""
     return REGISTRY[c.backend].available()[1]
 
 

@@ -23,11 +23,18 @@ def nvidia_gpu_present() -> bool:
 
 
 def register(cls):
+    """Class decorator: add a Backend subclass to REGISTRY under its `name`, and return it."""
     REGISTRY[cls.name] = cls
     return cls
 
 
 class Backend(abc.ABC):
+    """A model runtime: runs ready (N, C, H, W) float32 tensors through one package artifact.
+
+    Subclasses set `name`, implement `available` and `infer`, and register with `@register`. Which
+    precisions run from which artifact, on which devices, is formats.RUNS. `options` is a dict of
+    backend-specific keys (see each subclass); `threads` None means the backend's choice.
+    """
     name: str = ""
     # Which precisions a backend runs, from which artifact, on which devices: formats.RUNS, the one
     # place (run_precisions() reads it).
@@ -72,6 +79,7 @@ class Backend(abc.ABC):
 
     @property
     def artifact_path(self) -> Path:
+        """The path of the artifact's file in the package directory."""
         return self.package.path(self.artifact)
 
     @abc.abstractmethod
@@ -86,8 +94,10 @@ class Backend(abc.ABC):
         return done
 
     def describe(self) -> str:
+        """"<name> <precision> on <device> (<artifact file>)"."""
         return f"{self.name} {self.precision} on {self.device} ({self.artifact.file})"
 
     def close(self):
+        """Release the runtime's resources; the base class holds none."""
         pass
 

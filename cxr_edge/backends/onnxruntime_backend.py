@@ -9,6 +9,13 @@ from .base import Backend, BackendError, register
 
 @register
 class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime: runs the fp32 ONNX at fp32 and the int8 Q/DQ ONNX at int8, on CUDA or the CPU.
+
+    Options: device ("cpu" forces the CPU; otherwise the CUDA provider is used when ONNX Runtime has it).
+
+    Raises:
+        BackendError: the session cannot be created for the artifact.
+    """
     name = "onnxruntime"
 
     @classmethod
@@ -24,6 +31,7 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def available(cls):
+        """(usable here, why): onnxruntime imports; the message lists its providers."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -49,6 +57,7 @@ class OnnxRuntimeBackend(Backend):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def infer(self, batch, features=False):
+        """(N, C, H, W) float32 -> {'logits': (N, K)}, plus 'features' when asked and the model has it."""
         wanted = [n for n in self.output_names if n == "logits" or (features and n == "features")]
         outs = self.session.run(wanted, {self.input_name: np.ascontiguousarray(batch, np.float32)})
         return dict(zip(wanted, outs))

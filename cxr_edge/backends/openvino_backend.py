@@ -15,11 +15,21 @@ _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 @register
 class OpenVINOBackend(Backend):
+    """OpenVINO on the CPU: runs the fp32 IR (model.xml + .bin) at fp32, bf16 or fp16, and the int8 artifact at int8.
+
+    The inference precision is always set explicitly (bf16/fp16 only where the CPU has them natively).
+    Options: throughput (bool, default True: THROUGHPUT mode, else LATENCY); cache_dir (path: OpenVINO's
+    compiled-model cache). Async: a pool of infer requests, grown on demand.
+
+    Raises:
+        BackendError: the CPU lacks the precision, or the model cannot be compiled.
+    """
     name = "openvino"
     supports_async = True
 
     @classmethod
     def available(cls):
+        """(usable here, why): openvino imports and has a CPU device; never raises."""
         try:
             import openvino as ov
         except ImportError:
@@ -35,6 +45,7 @@ class OpenVINOBackend(Backend):
     @classmethod
     @functools.lru_cache(maxsize=None)  # a CPU's capabilities do not change while running
     def supported_hints(cls) -> set:
+        """Inference-precision hints this CPU runs natively: {"f32"} plus "bf16"/"f16" (cached)."""
         import openvino as ov
         try:
             caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -100,6 +111,7 @@ class OpenVINOBackend(Backend):
             self._free.put(self.compiled.create_infer_request())
 
     def describe(self):
+        """Like Backend.describe, with the inference precision OpenVINO actually compiled for."""
         return f"openvino {self.precision} (inference precision {self.effective_precision}) on cpu ({self.artifact.file})"
 
     def _collect(self, req, features):
@@ -109,9 +121,14 @@ class OpenVINOBackend(Backend):
         return out
 
     def infer(self, batch, features=False):
+        """(N, C, H, W) float32 -> {'logits': (N, K)} (and 'features' when asked and present); waits."""
         return self.infer_async(batch, features).result()
 
     def infer_async(self, batch, features=False):
+        """Start one batch on a free infer request (a new one if none is free); returns a handle.
+
+        The handle's .result() waits and returns what `infer` returns, then frees the request.
+        """
         try:
             req = self._free.get_nowait()
         except queue.Empty:

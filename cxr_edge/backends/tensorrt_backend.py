@@ -24,6 +24,11 @@ def _gpu():
 
 
 def engine_cache_key(onnx_sha256: str, precision: str) -> str:
+    """24-hex-digit key of a TensorRT engine built from this ONNX (by its sha256) at `precision`.
+
+    Engines are not portable, so the key covers GPU 0's name and compute capability, the TensorRT
+    version, the precision and MAX_BATCH. Raises RuntimeError when GPU 0 cannot be queried.
+    """
     import tensorrt as trt
     name, cc = _gpu()
     raw = f"{onnx_sha256}|{name}|sm{cc}|trt{trt.__version__}|{precision}|maxbatch{MAX_BATCH}"
@@ -162,6 +167,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def available(cls):
+        """(usable here, why): TensorRT >= 10, cuda-python and an NVIDIA GPU; never raises."""
         try:
             import tensorrt as trt
         except ImportError:
@@ -224,9 +230,14 @@ class TensorRTBackend(Backend):
         return self._free.get()  # every slot busy: wait for a caller's result() to return one
 
     def infer(self, batch, features=False):
+        """(N, C, H, W) float32 -> {'logits': (N, K)} (and 'features' when asked); waits."""
         return self.infer_async(batch, features).result()
 
     def infer_async(self, batch, features=False):
+        """Start one batch on a free execution context/stream; returns a handle whose .result() waits.
+
+        Batches over MAX_BATCH run now in MAX_BATCH chunks, one after another, and return a ready handle.
+        """
         wanted = [n for n in self.output_names if n == "logits" or (features and n == "features")]
         if len(batch) > MAX_BATCH:  # larger than the engine's profile: chunks, one after another
             parts = [self.infer(batch[i:i + MAX_BATCH], features) for i in range(0, len(batch), MAX_BATCH)]
@@ -241,6 +252,7 @@ class TensorRTBackend(Backend):
         return _Pending(self, slot)
 
     def close(self):
+        """Synchronize and free every context's CUDA memory, event and stream."""
         for s in self._slots:
             s.close()
         self._slots = []

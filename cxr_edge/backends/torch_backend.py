@@ -22,11 +22,19 @@ def reference_state_dict(package) -> dict:
 
 @register
 class TorchBackend(Backend):
+    """The PyTorch reference: the package architecture with its fp32 weights, at fp32 (CPU or CUDA) or fp16/bf16 (CUDA).
+
+    Options: device ("cuda" runs fp32 on the GPU; default "cpu"). fp16/bf16 always run on CUDA.
+
+    Raises:
+        BackendError: no architecture in model.json, the weights do not fit it, or CUDA is missing.
+    """
     name = "torch"
     _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
     @classmethod
     def available(cls):
+        """(usable here, why): torch and torchvision are installed, checked without importing torch."""
         # Without importing torch: importing it costs seconds and ~400 MB, and auto usually
         # picks another backend.
         import importlib.metadata
@@ -84,6 +92,7 @@ class TorchBackend(Backend):
         self.net = net.eval().to(self.device, self.dtype)
 
     def infer(self, batch, features=False):
+        """(N, C, H, W) float32 -> {'logits': (N, K)} float32, plus 'features' (N, C, h, w) when asked."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device, self.dtype, non_blocking=True)
