@@ -67,8 +67,11 @@ def test_temperature_and_operating_point(tmp_path, default_package):
 
 
 def test_unknown_operating_point_is_refused(tmp_path, default_package):
+    with pytest.raises(OperatingPointError, match="'nope' is not defined.*defined: sensitive"):
+        _load(default_package, operating_point="nope")
+    bare = _package_with(tmp_path, default_package, operating_points={})
     with pytest.raises(OperatingPointError, match="'sensitive' is not defined.*defined: none"):
-        _load(default_package, operating_point="sensitive")
+        _load(bare, operating_point="sensitive")
     from cxr_edge.cli import main
     rc = main(["classify", str(sample_images()[0]), "--operating-point", "nope", "--backend", "onnxruntime"])
     assert rc != 0
