@@ -17,21 +17,18 @@ def checkpoint_from_package(package_dir, out) -> Path:
     """Write PACKAGE's reference weights as a checkpoint at OUT; returns OUT.
     Raises FileNotFoundError / cxr_edge.package.PackageError on a missing or invalid package,
     ValueError when the weights do not fit the package's architecture."""
-    from cxr_edge.backends.torch_backend import reference_state_dict
+    from cxr_edge.backends.base import BackendError
+    from cxr_edge.backends.torch_backend import reference_network
     from cxr_edge.package import ModelPackage
 
     from .checkpoint import save_checkpoint
-    from cxr_edge.architectures import build
 
     pkg = ModelPackage.read(package_dir)
     arch = dict(pkg.architecture)
-    net = build(arch)
-    state = reference_state_dict(pkg)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"{package_dir}: weights do not fit {arch.get('name')}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    try:
+        net = reference_network(pkg)
+    except BackendError as e:
+        raise ValueError(str(e)) from None
     meta = {"architecture": arch, "classes": list(pkg.classes), "normal_class": pkg.normal_class,
             "preprocess": pkg.preprocess.to_dict() if hasattr(pkg.preprocess, "to_dict") else dict(pkg.preprocess),
             "experiment": f"warm start from package {pkg.name}", "source_package": str(Path(package_dir).resolve())}

@@ -20,6 +20,23 @@ def reference_state_dict(package) -> dict:
         raise BackendError(str(e)) from None
 
 
+def reference_network(package):
+    """The package's architecture (cxr_edge.architectures) with its fp32 reference weights loaded,
+    in train mode as built (callers choose eval/device).
+
+    Raises:
+        BackendError: no weights to read, or they do not fit the architecture.
+    """
+    from ..architectures import build
+    net = build(package.architecture)
+    missing, unexpected = net.load_state_dict(reference_state_dict(package), strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise BackendError(f"{package.root}: reference weights do not fit {package.architecture.get('name')} "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return net
+
+
 @register
 class TorchBackend(Backend):
     """The PyTorch reference: the package architecture with its fp32 weights, at fp32 (CPU or CUDA) or fp16/bf16 (CUDA).
@@ -72,19 +89,12 @@ class TorchBackend(Backend):
     def __init__(self, package, artifact, precision, threads=None, options=None):
         super().__init__(package, artifact, precision, threads, options)
         import torch
-        from ..architectures import build as build_network
         if not package.architecture:
             raise BackendError(f"{package.root}: model.json has no 'architecture'; the torch reference cannot be built")
         self.torch = torch
         if threads:
             torch.set_num_threads(int(threads))
-        net = build_network(package.architecture)
-        state = reference_state_dict(package)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise BackendError(f"{package.root}: reference weights do not fit {package.architecture.get('name')} "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        net = reference_network(package)
         self.device = self.target_device(precision, self.options)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendError(f"torch {precision} on cuda: torch.cuda.is_available() is False")
