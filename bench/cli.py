@@ -70,7 +70,7 @@ def _compare(args, report) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .core import run_bench
+    from .core import BenchOptions, run_bench
     log = lambda m: print(m, file=sys.stderr, flush=True)
     if args.current:
         if not args.compare:
@@ -95,12 +95,12 @@ def cmd_bench(args) -> int:
         if args.compare:
             return _compare(args, report) or (1 if bad else 0)
         return 1 if bad else 0
-    report = run_bench(model=args.model, data=args.data, backends=args.backends, precisions=args.precisions,
-                       batch_sizes=args.batch_sizes, quick=args.quick, out=args.out, limit=args.limit,
-                       threads=args.threads, repeats=args.repeats, isolate=not args.in_process, soak=args.soak,
-                       soak_every=args.soak_every, reference=not args.no_reference,
-                       try_unavailable=args.try_unavailable, e2e_batch_size=args.e2e_batch_size,
-                       e2e_images=args.e2e_images, timeout=args.timeout, log=log)
+    opts = BenchOptions(backends=args.backends, precisions=args.precisions, batch_sizes=args.batch_sizes,
+                        quick=args.quick, limit=args.limit, threads=args.threads, repeats=args.repeats,
+                        isolate=not args.in_process, soak=args.soak, soak_every=args.soak_every,
+                        reference=not args.no_reference, try_unavailable=args.try_unavailable,
+                        e2e_batch_size=args.e2e_batch_size, e2e_images=args.e2e_images, timeout=args.timeout)
+    report = run_bench(model=args.model, data=args.data, options=opts, out=args.out, log=log)
     if args.json:
         print(json.dumps(report, indent=2, default=float))
     else:

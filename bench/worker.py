@@ -7,6 +7,7 @@ A job is a JSON-able dict written by `bench.core`; the result is a JSON-able dic
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -137,12 +138,15 @@ def _threads_info(backend) -> dict:
 
 
 # -- combination --------------------------------------------------------------------------------
+# each backend's own libraries, imported before the RSS baseline so 'delta' is the model's share
+_BACKEND_LIBRARIES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime",), "torch": ("torch", "torchvision"),
+                      "tensorrt": ("tensorrt",)}
+
+
 def measure_combination(job: dict, log=lambda m: None, res: dict | None = None) -> dict:
     """Everything for one (backend, precision): load times, inference-only throughput/latency per
-    batch size, parity probabilities, end-to-end Classifier.stream, predict_one latency, RSS."""
-    import copy
-
-    import cxr_edge
+    batch size, parity probabilities, end-to-end Classifier.stream, predict_one latency, RSS.
+    `res` (filled in place, "stage" naming the step under way) keeps what was measured if a step raises."""
     from cxr_edge.backends import REGISTRY
 
     out_dir = Path(job["out_dir"])
@@ -151,105 +155,146 @@ def measure_combination(job: dict, log=lambda m: None, res: dict | None = None) 
     cls = REGISTRY[backend_name]
     pkg = _package(job)
     art = next(a for a in pkg.artifacts if a.file == job["artifact"])
-    # the backend's own libraries, imported before the RSS baseline so 'delta' is the model's share
-    {"openvino": lambda: __import__("openvino"), "onnxruntime": lambda: __import__("onnxruntime"),
-     "torch": lambda: (__import__("torch"), __import__("torchvision")), "tensorrt": lambda: __import__("tensorrt")
-     }.get(backend_name, lambda: None)()
+    for lib in _BACKEND_LIBRARIES.get(backend_name, ()):
+        __import__(lib)
     res = {} if res is None else res
     res.update({"import_s": time.perf_counter() - t_imp, "rss_baseline_mb": _rss() / 2**20, "stage": "load"})
     sampler = RssSampler()
     threads = job.get("threads")
-    timing = job["timing"]
-
-    # load: cold = first load in a fresh process, no cache option (what `classify` does today);
-    # OpenVINO: a second load fills an empty cache_dir; warm = a load that finds it populated
+    # OpenVINO loads with an (initially empty) cache_dir; other backends take no options
     cache = Path(tempfile.mkdtemp(prefix="ov-cache-", dir=out_dir))
     options = {"cache_dir": str(cache)} if backend_name == "openvino" else {}
+    b = _load_backend(functools.partial(cls, pkg, art, precision, threads), options, res, log)
+
+    res["stage"] = "parity"
+    tf = TensorFile(job["tensors"], job["tensors_shape"])
+    _save_parity_probs(b, tf, out_dir / "probs.npy")
+    res["stage"] = "infer"
+    res["infer"] = _measure_infer(b, tf, job["batch_sizes"], job["timing"], log)
+    b.close()
+    del b
+    res["peak_rss_engine_mb"] = sampler.peak / 2**20  # before the Classifier: the engine's own share
+
+    res["stage"] = "e2e"
+    clf = _load_classifier(pkg, art, job, options, res)
+    _measure_e2e(clf, job, out_dir / "e2e_probs.npy", res, log)
+    res["stage"] = "predict_one"
+    res["predict_one"] = _measure_predict_one(clf, job["files"], job["timing"])
+    clf.close()
+    del clf
+
+    res["peak_rss_sampled_mb"] = sampler.stop() / 2**20
+    res["rss_start_mb"] = sampler.start / 2**20
+    del res["stage"]
+    return res
+
+
+def _load_backend(load, options: dict, res: dict, log):
+    """Load times into `res`: cold = first load in a fresh process, no cache option (what `classify`
+    does today); with options (OpenVINO), a second load fills the empty cache_dir; warm = a load that
+    finds it populated. load(options) -> backend. Returns the warm-loaded backend, which the next
+    steps measure."""
     t = time.perf_counter()
-    b = cls(pkg, art, precision, threads, {})
+    b = load({})
     res["load_cold_s"] = time.perf_counter() - t
     res["describe"] = b.describe()
     b.close()
     del b
     if options:
         t = time.perf_counter()
-        b = cls(pkg, art, precision, threads, dict(options))
+        b = load(dict(options))
         res["load_cache_fill_s"] = time.perf_counter() - t
         b.close()
         del b
     t = time.perf_counter()
-    b = cls(pkg, art, precision, threads, dict(options))
+    b = load(dict(options))
     res["load_warm_s"] = time.perf_counter() - t
     res["load_warm_note"] = ("options={'cache_dir': ...} already populated (compiled blob imported)" if options
                              else "second load in the same process (files in the OS page cache)")
     res["threads"] = _threads_info(b)
     res["device"] = b.device
     log(f"  loaded {b.describe()}: cold {res['load_cold_s']:.2f}s warm {res['load_warm_s']:.2f}s")
+    return b
 
-    # parity probabilities on the whole preprocessed set
-    res["stage"] = "parity"
-    tf = TensorFile(job["tensors"], job["tensors_shape"])
-    chunk = 16
+
+def _save_parity_probs(b, tf: TensorFile, path: Path, chunk: int = 16) -> None:
+    """Probabilities (N, K) of the backend on the whole preprocessed set, saved as .npy."""
     logits = [b.infer(tf.read(i, i + chunk))["logits"] for i in range(0, len(tf), chunk)]
-    np.save(out_dir / "probs.npy", softmax(np.concatenate(logits)))
+    np.save(path, softmax(np.concatenate(logits)))
 
-    # inference only, per batch size: sync latency; async throughput where the backend pipelines
-    res["stage"] = "infer"
+
+def _measure_infer(b, tf: TensorFile, batch_sizes: list, timing: dict, log) -> dict:
+    """Inference only, per batch size: sync latency percentiles and img/s; async throughput where
+    the backend pipelines requests ("ips" is the better of the two). Keyed by str(batch size)."""
     per_bs = {}
-    for bs in job["batch_sizes"]:
+    for bs in batch_sizes:
         x = tf.batch(bs)
-        times = _timed_loop(lambda: b.infer(x), timing["min_iters"], timing["min_seconds"], timing["warmup"])
+        times = _timed_loop(functools.partial(b.infer, x), timing["min_iters"], timing["min_seconds"],
+                            timing["warmup"])
         rec = percentiles_ms(times)
         rec["sync_ips"] = bs * len(times) / sum(times)
         rec["ips"] = rec["sync_ips"]
         depth = int(getattr(b, "nireq", 1) or 1)
         if b.supports_async and depth > 1:
-            from collections import deque
-            n_batches = max(timing["min_iters"], 2 * depth)
-            for _ in range(max(1, timing["warmup"])):
-                b.infer(x)
-            q, t = deque(), time.perf_counter()
-            for _ in range(n_batches):
-                if len(q) >= depth:  # never ask for more requests than exist (infer_async blocks)
-                    q.popleft().result()
-                q.append(b.infer_async(x))
-            while q:
-                q.popleft().result()
-            rec["async_ips"] = bs * n_batches / (time.perf_counter() - t)
+            rec["async_ips"] = _async_ips(b, x, bs, depth, timing)
             rec["async_depth"] = depth
             rec["ips"] = max(rec["sync_ips"], rec["async_ips"])
         per_bs[str(bs)] = rec
         log(f"  infer bs {bs}: {rec['ips']:.1f} img/s, p50 {rec['p50_ms']:.1f} ms")
-    res["infer"] = per_bs
-    b.close()
-    del b, x
-    res["peak_rss_engine_mb"] = sampler.peak / 2**20  # before the Classifier: the engine's own share
-    torch_before = "torch" in sys.modules
+    return per_bs
 
-    # end to end: the real Classifier on real files (decode + preprocess + infer + softmax)
-    res["stage"] = "e2e"
-    files = job["files"]
-    ebs = int(job["e2e_batch_size"])
+
+def _async_ips(b, x: np.ndarray, bs: int, depth: int, timing: dict) -> float:
+    """Images per second with up to `depth` asynchronous requests in flight."""
+    from collections import deque
+    n_batches = max(timing["min_iters"], 2 * depth)
+    for _ in range(max(1, timing["warmup"])):
+        b.infer(x)
+    q, t = deque(), time.perf_counter()
+    for _ in range(n_batches):
+        if len(q) >= depth:  # never ask for more requests than exist (infer_async blocks)
+            q.popleft().result()
+        q.append(b.infer_async(x))
+    while q:
+        q.popleft().result()
+    return bs * n_batches / (time.perf_counter() - t)
+
+
+def _load_classifier(pkg, art, job: dict, options: dict, res: dict):
+    """The real Classifier for the end-to-end runs, loaded the way a user would (plus the options the
+    bench needs); load time and notes go into `res`."""
+    import copy
+
+    import cxr_edge
+    backend_name, precision = job["backend"], job["precision"]
     epkg = copy.deepcopy(pkg)
     eart = next(a for a in epkg.artifacts if a.file == art.file)
     if backend_name != "torch" and not eart.passed_for(backend_name, precision):
         # load() only opens gated artifacts; the bench measures failed ones too, said so in the row
         res["e2e_note"] = "gate not passed in model.json: loaded with options ignore_gate"
+    torch_before = "torch" in sys.modules
     t = time.perf_counter()
     # the bench measures parity itself: load without on-device verification or gate refusal
-    clf = cxr_edge.load(epkg, backend=backend_name, precision=precision, batch_size=ebs, threads=threads,
-                        options=dict(options, ignore_gate=True, verify=False))
+    clf = cxr_edge.load(epkg, backend=backend_name, precision=precision, batch_size=int(job["e2e_batch_size"]),
+                        threads=job.get("threads"), options=dict(options, ignore_gate=True, verify=False))
     res["e2e_load_s"] = time.perf_counter() - t
     if not torch_before and "torch" in sys.modules:
         res["e2e_note"] = (res.get("e2e_note", "") + "; " if res.get("e2e_note") else "") + \
             "cxr_edge.load imported torch (backend availability checks) although this backend does not use it"
-    n_e2e = int(job["e2e_images"])
+    return clf
+
+
+def _measure_e2e(clf, job: dict, probs_path: Path, res: dict, log) -> None:
+    """End to end: the real Classifier on real files (decode + preprocess + infer + softmax), cycling
+    the files for e2e_images; res["e2e"], and each file's first probabilities (N, K, NaN where it
+    failed) saved as .npy."""
+    files, timing = job["files"], job["timing"]
+    ebs, n_e2e = int(job["e2e_batch_size"]), int(job["e2e_images"])
     stream_items = [files[i % len(files)] for i in range(n_e2e)]
     warm = [files[i % len(files)] for i in range(min(n_e2e, ebs * timing["warmup"]))]
     for _ in clf.stream(warm):
         pass
-    first = {}
-    errors = 0
+    first, errors = {}, 0
     t = time.perf_counter()
     for i, r in enumerate(clf.stream(stream_items)):
         if not r.ok:
@@ -262,27 +307,20 @@ def measure_combination(job: dict, log=lambda m: None, res: dict | None = None) 
     probs = np.full((len(files), len(clf.classes)), np.nan)
     for i, p in first.items():
         probs[i] = p
-    np.save(out_dir / "e2e_probs.npy", probs)
+    np.save(probs_path, probs)
     log(f"  e2e: {res['e2e']['ips']:.1f} img/s over {n_e2e} images")
 
-    # warm single-image latency with decode
-    res["stage"] = "predict_one"
-    k = max(timing["min_iters"], 3)
+
+def _measure_predict_one(clf, files: list, timing: dict) -> dict:
+    """Warm single-image latency with decode (predict_one), percentiles in ms."""
     for f in files[:max(1, timing["warmup"])]:
         clf.predict_one(f)
     lat = []
-    for i in range(k):
+    for i in range(max(timing["min_iters"], 3)):
         t = time.perf_counter()
         clf.predict_one(files[i % len(files)])
         lat.append(time.perf_counter() - t)
-    res["predict_one"] = percentiles_ms(lat)
-    clf.close()
-    del clf
-
-    res["peak_rss_sampled_mb"] = sampler.stop() / 2**20
-    res["rss_start_mb"] = sampler.start / 2**20
-    del res["stage"]
-    return res
+    return percentiles_ms(lat)
 
 
 # -- the pipeline a user would otherwise write ----------------------------------------------------

@@ -24,7 +24,7 @@ def _random_package(out: Path) -> Path:
     pytest.importorskip("torch", reason="building a benchmark package needs the workbench (torch)")
     import torch
 
-    from cxr_edge.export import export_checkpoint
+    from cxr_edge.export import ExportSettings, GateSettings, Int8Settings, export_checkpoint
     from cxr_edge.preprocess import PreprocessSpec
     from cxr_edge.train.checkpoint import save_checkpoint
     from cxr_edge.architectures import build
@@ -36,8 +36,10 @@ def _random_package(out: Path) -> Path:
     save_checkpoint(ckpt, build(arch).eval(), {"architecture": arch, "classes": ["covid", "normal", "pneumonia"],
                                                "normal_class": "normal", "preprocess": spec.to_dict(),
                                                "experiment": "bench-random"})
-    export_checkpoint(ckpt, out, ("fp32", "int8"), calib=str(SAMPLES), calib_size=16, val=str(SAMPLES),
-                      keep_failed=True, log=lambda m: None)
+    export_checkpoint(ckpt, out, ExportSettings(precisions=("fp32", "int8"),
+                                                gate=GateSettings(val=str(SAMPLES), keep_failed=True),
+                                                int8=Int8Settings(calib=str(SAMPLES), calib_size=16)),
+                      log=lambda m: None)
     return out
 
 

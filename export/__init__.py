@@ -8,7 +8,11 @@ def __getattr__(name):
     if name in ("export_checkpoint", "GateFailed"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name in _SETTINGS:
+        from . import settings
+        return getattr(settings, name)
     raise AttributeError(name)
 
 
-__all__ = ["export_checkpoint", "GateFailed"]
+_SETTINGS = ("ExportSettings", "GateSettings", "Int8Settings", "ReferenceSettings")
+__all__ = ["ExportSettings", "GateFailed", "GateSettings", "Int8Settings", "ReferenceSettings", "export_checkpoint"]

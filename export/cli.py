@@ -42,20 +42,28 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def export_settings(args):
+    """The parsed `cxr-edge export` arguments as an export.settings.ExportSettings."""
+    from .quantize import QuantSettings
+    from .settings import ExportSettings, GateSettings, Int8Settings, ReferenceSettings
+    quant = QuantSettings(preset=args.int8_preset, fast_bias_correction=args.bias_correction == "fast",
+                          dp_tol=args.dp_tol, max_drop=args.max_drop)
+    if args.int8_ignore is not None:
+        # an empty list: the stem conv and the classifier, named once the ONNX file exists
+        quant.ignored = list(args.int8_ignore) or ["<sensitive>"]
+    return ExportSettings(
+        precisions=args.precision, formats=args.formats, features=not args.no_features, name=args.name,
+        gate=GateSettings(val=args.val, val_limit=args.val_limit, keep_failed=args.keep_failed),
+        int8=Int8Settings(calib=args.calib, calib_size=args.calib_size, calib_by_source=args.calib_by_source,
+                          quant=quant, control=args.control),
+        reference=ReferenceSettings(images=args.reference, k=args.reference_k, variants=args.reference_variants))
+
+
 def run(args) -> int:
     from .pipeline import GateFailed, export_checkpoint
-    from .quantize import QuantSettings
-    quant = QuantSettings(preset=args.int8_preset, fast_bias_correction=args.bias_correction == "fast",
-                          dp_tol=args.dp_tol)
     try:
-        if args.int8_ignore is not None:
-            # an empty list: the stem conv and the classifier, named once the ONNX file exists
-            quant.ignored = list(args.int8_ignore) or ["<sensitive>"]
-        pkg = export_checkpoint(args.checkpoint, args.out, args.precision, args.calib, args.calib_size, args.val,
-                          args.val_limit, args.max_drop, args.formats, args.keep_failed, not args.no_features,
-                          args.name, log=lambda m: print(m, file=sys.stderr), quant=quant,
-                          calib_by_source=args.calib_by_source, control=args.control, reference=args.reference,
-                          reference_k=args.reference_k, reference_variants=args.reference_variants)
+        pkg = export_checkpoint(args.checkpoint, args.out, export_settings(args),
+                                log=lambda m: print(m, file=sys.stderr))
     except GateFailed as e:
         print(f"cxr-edge export: {len(e.table.splitlines())} rows; gate FAILED - see the table above. "
               "Failed combinations are marked in model.json; auto never picks them.", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,75 +13,23 @@ import torch
 
 from cxr_edge.backends import REGISTRY, precision_support
 from cxr_edge.postprocess import softmax
-from cxr_edge.decode import DecodeError, decode
 from cxr_edge.formats import RUN_PRECISIONS, artifact_format
+from cxr_edge.labelled import LabelledSet, load_images, resolve_set
 from cxr_edge.package import Artifact, ModelPackage
 from cxr_edge.parity import ParityStats, Verdict, compare, format_table, judge
-from cxr_edge.preprocess import PreprocessSpec, preprocess
+from cxr_edge.preprocess import PreprocessSpec
 
 from .onnx_export import export_onnx, run_onnx
 from cxr_edge.nearties import sources_and_near_ties
 
 from .quantize import QuantSettings, quantize, sensitive_layers
+from .settings import ExportSettings, GateSettings, Int8Settings, ReferenceSettings
 
 
 class GateFailed(Exception):
     def __init__(self, table: str, package: ModelPackage):
         super().__init__("one or more artifacts failed their parity gate:\n" + table)
         self.table, self.package = table, package
-
-
-@dataclass
-class LabelledSet:
-    tensors: np.ndarray
-    labels: np.ndarray
-    paths: list
-    skipped: list = field(default_factory=list)
-    sources: list = field(default_factory=list)   # data source per image ("" when unknown)
-    name: str = "given"                           # what model.json says the set is (no host paths)
-
-
-def load_images(items, spec: PreprocessSpec, classes: list | None = None, limit: int | None = None) -> LabelledSet:
-    """items: Sample-like objects (path, label) or plain paths. Decoded and preprocessed exactly as
-    the runtime does. Unreadable files are reported and skipped."""
-    tensors, labels, paths, skipped, sources = [], [], [], [], []
-    for it in items:
-        if limit and len(tensors) >= limit:
-            break
-        path = getattr(it, "path", it)
-        label = getattr(it, "label", None)
-        if classes is not None and label is not None and label not in classes:
-            continue
-        try:
-            tensors.append(preprocess(decode(path, min_side=spec.decode_hint()).pixels, spec))
-        except DecodeError as e:
-            skipped.append(str(e))
-            continue
-        labels.append(classes.index(label) if classes is not None and label is not None else -1)
-        paths.append(str(path))
-        sources.append(str(getattr(it, "source", "") or ""))
-    if not tensors:
-        raise ValueError("no usable images in the given set")
-    return LabelledSet(np.stack(tensors), np.array(labels), paths, skipped, sources)
-
-
-def resolve_set(spec_str: str, part_default: str):
-    """DIR (any train/data layout, or a plain folder of images) or RUN/split.json[:part]."""
-    from pathlib import Path as P
-    path, _, part = spec_str.partition(":") if spec_str.count(":") == 1 and not P(spec_str).exists() else (spec_str, "", "")
-    p = P(path)
-    if p.suffix == ".json":
-        from cxr_edge.train.experiment import read_split
-        # "val+test": several parts of one split, in that order (a bigger parity set)
-        return [s for pt in (part or part_default).split("+") for s in read_split(p, pt)]
-    if p.is_dir():
-        from cxr_edge.train.data import load_dataset
-        try:
-            return load_dataset(p)
-        except Exception:
-            from cxr_edge.inputs import expand_inputs
-            return expand_inputs([str(p)], recursive=True)
-    raise FileNotFoundError(f"{spec_str}: not a directory or split.json")
 
 
 def torch_probs(net, tensors: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -163,41 +110,58 @@ def pick_calibration(items: list, n: int, by_source: bool = False, seed: int = 0
     return sorted(pick)
 
 
-def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, calib_size: int = 300,
-                      val=None, val_limit: int | None = None, max_drop: float | None = None,
-                      formats=("onnx",), keep_failed: bool = False, features: bool = True,
-                      name: str | None = None, provenance: dict | None = None, log=print,
-                      quant: QuantSettings | None = None, calib_by_source: bool = False, control=None,
-                      reference=None, reference_k: int = 256, reference_variants: bool = False) -> ModelPackage:
-    """checkpoint -> gated model package in `out` (replaced).
+def export_checkpoint(checkpoint, out, settings: ExportSettings | None = None, log=print) -> ModelPackage:
+    """checkpoint -> gated model package in `out` (an existing folder there is replaced), built as
+    `settings` (export.settings.ExportSettings) says; log receives one str per progress line.
 
-    val: the labelled parity set (DIR, RUN/split.json[:part[+part]], or Sample-like items); every
-    artifact is measured against the torch fp32 reference on it and gated (formats.TOLERANCES).
-    int8: calibrated on `calib_size` images of `calib` (random, or balanced by source), quantized as
-    `quant` says (export.quantize.QuantSettings; `max_drop` is a shortcut for accuracy control, whose
-    control images are `control`, default the parity set).
-    reference: images for the package's reference set (see export/reference_set.py): None = K
-    (`reference_k`) images of the parity set; a DIR / split spec / list of paths otherwise; with
-    `reference_variants` each image also gives 8 deterministic variants.
-    Raises GateFailed (after writing the package) when a measured combination fails its gate and
-    keep_failed is False."""
+    Steps: ONNX fp32 (checked against torch on a probe batch), the parity set and its torch fp32
+    reference, INT8 (calibrated, quantized, gated; retried once with the sensitive layers in float),
+    the fp32 gate, OpenVINO IR / TensorRT engines, the reference set, provenance, model.json.
+    Raises ValueError without a parity set (settings.gate.val) or, for int8, without a calibration
+    set; RuntimeError when the ONNX export disagrees with torch; GateFailed (after writing the
+    package) when a measured combination fails its gate and settings.gate.keep_failed is False."""
     from cxr_edge.train.checkpoint import load_checkpoint
+    s = settings or ExportSettings()
     t0 = time.time()
     net, meta = load_checkpoint(checkpoint)
+    pkg = _new_package(checkpoint, out, meta, s)
+    fp32 = _export_fp32(net, pkg, s.features, log)
+    data = _load_parity_set(pkg, s.gate, log)
+    ref = torch_probs(net, data.tensors)
+    rows = [_gate_torch_backend(pkg, fp32, ref, data)]
+    if "int8" in s.precisions:
+        rows += _export_int8(net, pkg, fp32, data, ref, s.int8, log)
+    rows += gate_artifact(pkg, fp32, ref, data, log)
+    _export_other_formats(pkg, fp32, s, log)
+    _add_reference_set(net, pkg, data, _set_name(s.gate.val), s.reference, log)
+    _record_provenance(pkg, checkpoint, meta, data, ref, _set_name(s.gate.val), t0)
+    return _finish(pkg, rows, s.gate.keep_failed, log)
+
+
+def _set_name(given) -> str:
+    """What model.json calls an image set: a path's last part, a LabelledSet's name, else "given"
+    (never a host path)."""
+    return Path(given).name if isinstance(given, str) else getattr(given, "name", "given")
+
+
+def _new_package(checkpoint, out, meta: dict, s: ExportSettings) -> ModelPackage:
+    """An empty package in `out` (replacing what is there), described by the checkpoint's meta."""
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    classes = meta["classes"]
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    pkg = ModelPackage(root=out, name=name or meta.get("experiment") or Path(checkpoint).stem, classes=classes,
-                       preprocess=spec, normal_class=meta.get("normal_class"), architecture=meta["architecture"],
-                       cam={"features_output": "features", "head": meta["architecture"].get("head", "linear")} if features else {},
-                       provenance=dict(provenance or {}))
-    shape = (spec.channels, spec.size, spec.size)
+    cam = {"features_output": "features", "head": meta["architecture"].get("head", "linear")} if s.features else {}
+    return ModelPackage(root=out, name=s.name or meta.get("experiment") or Path(checkpoint).stem,
+                        classes=meta["classes"], preprocess=spec, normal_class=meta.get("normal_class"),
+                        architecture=meta["architecture"], cam=cam, provenance=dict(s.provenance or {}))
 
-    # -- ONNX fp32 -----------------------------------------------------------------------------
-    onnx_path = export_onnx(net, shape, out / artifact_format("fp32").suffix, features=features)
+
+def _export_fp32(net, pkg: ModelPackage, features: bool, log) -> Artifact:
+    """model.onnx, checked against torch on a random probe batch before anything else uses it."""
+    spec = pkg.preprocess
+    shape = (spec.channels, spec.size, spec.size)
+    onnx_path = export_onnx(net, shape, pkg.root / artifact_format("fp32").suffix, features=features)
     probe = np.random.default_rng(0).standard_normal((2,) + shape).astype(np.float32)
     with torch.inference_mode():
         d = float(np.abs(run_onnx(onnx_path, probe) - net(torch.from_numpy(probe)).numpy()).max())
@@ -206,108 +170,159 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
     fp32 = pkg.add_artifact(Artifact(file=onnx_path.name, format="onnx", precision="fp32",
                                      outputs=["logits", "features"] if features else ["logits"]))
     log(f"wrote {onnx_path.name} ({fp32.bytes / 1e6:.1f} MB); probe max |dlogit| vs torch {d:.1e}")
+    return fp32
 
-    # -- labelled parity set (and calibration set) -----------------------------------------------
+
+def _load_parity_set(pkg: ModelPackage, gate: GateSettings, log) -> LabelledSet:
+    """The labelled parity set, preprocessed with the package's spec (a LabelledSet as given)."""
+    val = gate.val
     if val is None:
         raise ValueError("a labelled set (--val) is required: every artifact is gated on real images")
     data = val if isinstance(val, LabelledSet) else \
-        load_images(resolve_set(val, "test") if isinstance(val, str) else val, spec, classes, val_limit)
-    log(f"parity set: {len(data.paths)} labelled images" + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else ""))
-    ref = torch_probs(net, data.tensors)
-    ref_acc = float((ref.argmax(1) == data.labels).mean())
-    rows = []
-    # The torch backend reads its weights from model.onnx: prove it is the checkpoint's network.
+        load_images(resolve_set(val, "test") if isinstance(val, str) else val, pkg.preprocess, pkg.classes,
+                    gate.val_limit)
+    log(f"parity set: {len(data.paths)} labelled images"
+        + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else ""))
+    return data
+
+
+def _gate_torch_backend(pkg: ModelPackage, fp32: Artifact, ref: np.ndarray, data: LabelledSet) -> tuple:
+    """The torch backend reads its weights from model.onnx: prove it is the checkpoint's network.
+    Records the torch/fp32 parity and gate in `fp32`; returns its (row name, ParityStats, Verdict)."""
     tb = run_backend(pkg, fp32, "torch", "fp32", data.tensors)
-    tp = compare(ref, tb, data.labels, classes, pkg.normal_class)
-    tg = judge(tp, "fp32", classes, pkg.normal_class)
+    tp = compare(ref, tb, data.labels, pkg.classes, pkg.normal_class)
+    tg = judge(tp, "fp32", pkg.classes, pkg.normal_class)
     fp32.parity["torch/fp32"], fp32.gate["torch/fp32"] = tp.to_dict(), tg.to_dict()
-    rows.append((f"{fp32.file} torch/fp32", tp, tg))
+    return (f"{fp32.file} torch/fp32", tp, tg)
 
-    if "int8" in precisions:
-        calib_items = resolve_set(calib, "train") if isinstance(calib, str) else (calib or None)
-        if calib_items is None:
-            raise ValueError("int8 needs a calibration set (--calib DIR or RUN/split.json:train)")
-        if isinstance(calib_items, LabelledSet):  # already preprocessed (e.g. cached): pick from its tensors
-            pick = pick_calibration([SimpleNamespace(source=s) for s in calib_items.sources], calib_size, calib_by_source)
-            cal = LabelledSet(calib_items.tensors[pick], calib_items.labels[pick], [calib_items.paths[i] for i in pick])
-        else:
-            calib_items = list(calib_items)
-            pick = pick_calibration(calib_items, calib_size, calib_by_source)
-            cal = load_images([calib_items[i] for i in pick], spec, None)
-        log(f"calibration set: {len(cal.paths)} images" + (" (balanced by source)" if calib_by_source else ""))
-        int8_path = out / artifact_format("int8").suffix
-        settings = quant or QuantSettings()
-        if settings.ignored == ["<sensitive>"]:
-            settings.ignored = sensitive_layers(onnx_path)
-        if max_drop is not None:
-            settings.max_drop = max_drop
-        ctrl = None
-        if settings.max_drop is not None:
-            if control is None:
-                ctrl_set, ctrl_name = data, "the parity set (the gate then measures on the images it was tuned on)"
-            else:
-                ctrl_set = control if isinstance(control, LabelledSet) else \
-                    load_images(resolve_set(control, "val") if isinstance(control, str) else control, spec, classes)
-                ctrl_name = Path(control).name if isinstance(control, str) else getattr(control, "name", "given")
-            ctrl = (ctrl_set.tensors, torch_probs(net, ctrl_set.tensors))
-        extra = quantize(onnx_path, int8_path, cal.tensors, settings, ctrl)
-        extra["calibration"] = "balanced by source" if calib_by_source else "random"
-        if ctrl is not None:
-            extra["control_set"] = ctrl_name
-        int8 = pkg.add_artifact(Artifact(file=int8_path.name, format="onnx-qdq", precision="int8",
-                                         outputs=fp32.outputs, extra=extra))
-        int8_rows = gate_artifact(pkg, int8, ref, data, log)
-        if int8_rows and not any(g.passed for _, _, g in int8_rows) and settings.max_drop is None \
-                and not settings.ignored:
-            # Keep the most sensitive layers (stem conv, classifier) in float and try once more.
-            settings.ignored = sensitive_layers(onnx_path)
-            log(f"int8 failed its gate; retrying with ignored scope {settings.ignored}")
-            extra = quantize(onnx_path, int8_path, cal.tensors, settings)
-            extra["calibration"] = "balanced by source" if calib_by_source else "random"
-            int8.parity, int8.gate, int8.extra = {}, {}, extra
-            pkg.add_artifact(int8)
-            int8_rows = gate_artifact(pkg, int8, ref, data, log)
-        rows += int8_rows
-    rows += gate_artifact(pkg, fp32, ref, data, log)
 
-    if "openvino" in formats:
+def _export_int8(net, pkg: ModelPackage, fp32: Artifact, data: LabelledSet, ref: np.ndarray,
+                 opts: Int8Settings, log) -> list:
+    """model.int8.onnx, quantized as opts.quant says and gated; a plain PTQ build that passes no
+    gate is quantized once more with the sensitive layers (stem conv, classifier) in float.
+    Returns the int8 gate rows."""
+    cal = _calibration_set(opts, pkg.preprocess, log)
+    onnx_path, int8_path = pkg.root / fp32.file, pkg.root / artifact_format("int8").suffix
+    # a copy: the sensitive-layer names and the retry below change it; the caller's stays as given
+    settings = QuantSettings(**vars(opts.quant))
+    if settings.ignored == ["<sensitive>"]:
+        settings.ignored = sensitive_layers(onnx_path)
+    ctrl, ctrl_name = _control_set(net, pkg, opts.control, data) if settings.max_drop is not None else (None, None)
+    extra = _quantize_int8(onnx_path, int8_path, cal, settings, opts.calib_by_source, ctrl, ctrl_name)
+    int8 = pkg.add_artifact(Artifact(file=int8_path.name, format="onnx-qdq", precision="int8",
+                                     outputs=fp32.outputs, extra=extra))
+    rows = gate_artifact(pkg, int8, ref, data, log)
+    if rows and not any(g.passed for _, _, g in rows) and settings.max_drop is None and not settings.ignored:
+        settings.ignored = sensitive_layers(onnx_path)
+        log(f"int8 failed its gate; retrying with ignored scope {settings.ignored}")
+        extra = _quantize_int8(onnx_path, int8_path, cal, settings, opts.calib_by_source)
+        int8.parity, int8.gate, int8.extra = {}, {}, extra
+        pkg.add_artifact(int8)
+        rows = gate_artifact(pkg, int8, ref, data, log)
+    return rows
+
+
+def _calibration_set(opts: Int8Settings, spec: PreprocessSpec, log) -> LabelledSet:
+    """opts.calib_size images of opts.calib (at random, or balanced by source), preprocessed."""
+    items = resolve_set(opts.calib, "train") if isinstance(opts.calib, str) else (opts.calib or None)
+    if items is None:
+        raise ValueError("int8 needs a calibration set (--calib DIR or RUN/split.json:train)")
+    if isinstance(items, LabelledSet):  # already preprocessed (e.g. cached): pick from its tensors
+        pick = pick_calibration([SimpleNamespace(source=s) for s in items.sources], opts.calib_size,
+                                opts.calib_by_source)
+        cal = LabelledSet(items.tensors[pick], items.labels[pick], [items.paths[i] for i in pick])
+    else:
+        items = list(items)
+        pick = pick_calibration(items, opts.calib_size, opts.calib_by_source)
+        cal = load_images([items[i] for i in pick], spec, None)
+    log(f"calibration set: {len(cal.paths)} images" + (" (balanced by source)" if opts.calib_by_source else ""))
+    return cal
+
+
+def _control_set(net, pkg: ModelPackage, control, data: LabelledSet) -> tuple[tuple, str]:
+    """((control tensors, their torch fp32 probabilities), what model.json calls the set) for
+    accuracy-controlled INT8; control None: the parity set."""
+    if control is None:
+        ctrl_set, name = data, "the parity set (the gate then measures on the images it was tuned on)"
+    else:
+        ctrl_set = control if isinstance(control, LabelledSet) else \
+            load_images(resolve_set(control, "val") if isinstance(control, str) else control, pkg.preprocess,
+                        pkg.classes)
+        name = _set_name(control)
+    return (ctrl_set.tensors, torch_probs(net, ctrl_set.tensors)), name
+
+
+def _quantize_int8(onnx_path, int8_path, cal: LabelledSet, settings: QuantSettings, by_source: bool,
+                   ctrl: tuple | None = None, ctrl_name: str | None = None) -> dict:
+    """quantize(), plus what the int8 artifact's `extra` says about its calibration and control sets."""
+    extra = quantize(onnx_path, int8_path, cal.tensors, settings, ctrl)
+    extra["calibration"] = "balanced by source" if by_source else "random"
+    if ctrl is not None:
+        extra["control_set"] = ctrl_name
+    return extra
+
+
+def _export_other_formats(pkg: ModelPackage, fp32: Artifact, s: ExportSettings, log) -> None:
+    """OpenVINO IR from model.onnx, and TensorRT engines, when s.formats asks for them."""
+    if "openvino" in s.formats:
         from .openvino_ir import export_ir
-        xml = export_ir(onnx_path, out)
+        xml = export_ir(pkg.root / fp32.file, pkg.root)
         # the .bin is read with the .xml: listed as a companion, so it is checksummed too (issue 14)
         pkg.add_artifact(Artifact(file=xml.name, format="openvino-ir", precision="fp32", outputs=fp32.outputs,
                                   companions=[{"file": xml.with_suffix(".bin").name}],
                                   extra={"weights": xml.with_suffix(".bin").name}))
-    if "tensorrt" in formats:
+    if "tensorrt" in s.formats:
         from .tensorrt_build import build_engines
-        pkg.provenance["tensorrt"] = build_engines(pkg, precisions, log)
+        pkg.provenance["tensorrt"] = build_engines(pkg, s.precisions, log)
 
-    # -- reference set (export/reference_set.py) ----------------------------------------------------
-    from .reference_set import VARIANTS, from_paths, sample_variants, write_reference_set
-    parity_name = Path(val).name if isinstance(val, str) else getattr(val, "name", "given")
-    ref_k = None
-    if reference is None:
-        # twice K candidates, in a seeded order: near-ties are dropped (reference_set.MIN_MARGIN), then K kept
-        idx = np.random.default_rng(0).permutation(len(data.paths))[:min(2 * reference_k, len(data.paths))]
-        ref_paths, ref_k = [data.paths[i] for i in idx], reference_k
-        ref_source = f"images of the parity set ({parity_name}) in a seed-0 random order"
+
+def _add_reference_set(net, pkg: ModelPackage, data: LabelledSet, parity_name: str, opts: ReferenceSettings,
+                       log) -> None:
+    """The package's reference set (export/reference_set.py), with the torch fp32 outputs."""
+    from .reference_set import (
+        VARIANTS,
+        from_paths,
+        sample_variants,
+        write_reference_set,
+    )
+    paths, k, source = _reference_images(data, parity_name, opts)
+    if opts.variants:
+        x, _ = sample_variants(paths, pkg.preprocess)
+        source += f", each as is and as {len(VARIANTS) - 1} deterministic variants ({', '.join(VARIANTS[1:])})"
     else:
-        items = resolve_set(reference, "test") if isinstance(reference, str) else reference
-        ref_paths = sorted(str(getattr(it, "path", it)) for it in items)
-        ref_source = f"the {len(ref_paths)} images of {Path(reference).name if isinstance(reference, str) else 'a given list'}"
-    if reference_variants:
-        ref_x, _ = sample_variants(ref_paths, spec)
-        ref_source += f", each as is and as {len(VARIANTS) - 1} deterministic variants ({', '.join(VARIANTS[1:])})"
-    else:
-        ref_x = from_paths(ref_paths, spec)
-    rs = write_reference_set(pkg, net, ref_x, ref_source, k=ref_k)
+        x = from_paths(paths, pkg.preprocess)
+    rs = write_reference_set(pkg, net, x, source, k=k)
     log(f"reference set: {rs['shape'][0]} images ({rs['source']})")
 
-    # -- record, decide ---------------------------------------------------------------------------
-    import cxr_edge, onnx, onnxruntime, openvino, nncf
+
+def _reference_images(data: LabelledSet, parity_name: str, opts: ReferenceSettings) -> tuple[list, int | None, str]:
+    """(image paths, how many to keep or None for all, description) of the reference set."""
+    if opts.images is None:
+        # twice K candidates, in a seeded order: near-ties are dropped (reference_set.MIN_MARGIN), then K kept
+        idx = np.random.default_rng(0).permutation(len(data.paths))[:min(2 * opts.k, len(data.paths))]
+        return ([data.paths[i] for i in idx], opts.k,
+                f"images of the parity set ({parity_name}) in a seed-0 random order")
+    items = resolve_set(opts.images, "test") if isinstance(opts.images, str) else opts.images
+    paths = sorted(str(getattr(it, "path", it)) for it in items)
+    where = Path(opts.images).name if isinstance(opts.images, str) else "a given list"
+    return paths, None, f"the {len(paths)} images of {where}"
+
+
+def _record_provenance(pkg: ModelPackage, checkpoint, meta: dict, data: LabelledSet, ref: np.ndarray,
+                       parity_name: str, t0: float) -> None:
+    """What made the package: checkpoint hash, parity set (no host paths), library versions, host,
+    export time since t0, and the checkpoint's training record."""
+    import nncf
+    import onnx
+    import onnxruntime
+    import openvino
+
+    import cxr_edge
+    from cxr_edge.package import sha256_file
     pkg.provenance.setdefault("export", {}).update({
-        "checkpoint_sha256": __import__("cxr_edge.package", fromlist=["sha256_file"]).sha256_file(checkpoint),
-        "parity_set": {"images": len(data.paths), "source": Path(val).name if isinstance(val, str) else getattr(val, "name", "given"),  # no host paths in model.json
-                       "reference_accuracy": ref_acc,
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "parity_set": {"images": len(data.paths), "source": parity_name,
+                       "reference_accuracy": float((ref.argmax(1) == data.labels).mean()),
                        **({"by_source": {u: data.sources.count(u) for u in sorted(set(data.sources))}}
                           if any(data.sources) else {})},
         "versions": {"cxr_edge": cxr_edge.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
@@ -318,12 +333,17 @@ def export_checkpoint(checkpoint, out, precisions=("fp32", "int8"), calib=None, 
     for k in ("val", "experiment", "train_counts", "epoch"):
         if k in meta:
             pkg.provenance.setdefault("training", {})[k] = meta[k]
+
+
+def _finish(pkg: ModelPackage, rows: list, keep_failed: bool, log) -> ModelPackage:
+    """Drop the artifacts that passed no gate (unless keep_failed), write model.json, log the
+    table; raise GateFailed when a measured combination failed and keep_failed is False."""
     table = format_table(rows)
     failed = [a for a in pkg.artifacts if a.format != "openvino-ir"
               and not any(g.get("passed") for g in a.gate.values())]
     if failed and not keep_failed:
         for a in failed:
-            (out / a.file).unlink(missing_ok=True)
+            (pkg.root / a.file).unlink(missing_ok=True)
         pkg.artifacts = [a for a in pkg.artifacts if a not in failed]
     pkg.write()
     log(table)

@@ -90,12 +90,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
     """fp32 + int8 package from the random DenseNet121, gated on the 16 sample X-rays."""
-    from cxr_edge.export import export_checkpoint
+    from cxr_edge.export import (
+        ExportSettings,
+        GateSettings,
+        Int8Settings,
+        export_checkpoint,
+    )
     out = tmp_path_factory.mktemp("pkg") / "tiny.cxrpkg"
     # keep_failed: random weights give near-uniform probabilities, where int8 rounding may flip
     # a top-1 between near-ties; the mechanics under test do not depend on int8 passing.
-    export_checkpoint(tiny_checkpoint, out, ("fp32", "int8"), calib=str(SAMPLES), calib_size=16,
-                      val=str(SAMPLES), keep_failed=True, log=lambda m: None)
+    settings = ExportSettings(precisions=("fp32", "int8"), gate=GateSettings(val=str(SAMPLES), keep_failed=True),
+                              int8=Int8Settings(calib=str(SAMPLES), calib_size=16))
+    export_checkpoint(tiny_checkpoint, out, settings, log=lambda m: None)
     return out
 
 

@@ -18,9 +18,10 @@ STATUSES = {"ok", "error", "unavailable"}
 def quick(tiny_package, tmp_path_factory):
     """One quick run, each combination in its own subprocess (the default), tiny settings."""
     from cxr_edge.bench import run_bench
+    from cxr_edge.bench.core import BenchOptions
     out = tmp_path_factory.mktemp("bench")
-    report = run_bench(model=tiny_package, data=SAMPLES, quick=True, batch_sizes=[1, 2], e2e_batch_size=2,
-                       repeats=1, limit=8, threads=1, out=out, log=lambda m: None)
+    opts = BenchOptions(quick=True, batch_sizes=[1, 2], e2e_batch_size=2, repeats=1, limit=8, threads=1)
+    report = run_bench(model=tiny_package, data=SAMPLES, options=opts, out=out, log=lambda m: None)
     return report, out
 
 

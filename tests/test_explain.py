@@ -337,12 +337,12 @@ def test_cli_explain_and_classify_cam(tiny_package, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def mlp_package(tmp_path_factory):
     pytest.importorskip("torch")
-    from cxr_edge.export import export_checkpoint
+    from cxr_edge.export import ExportSettings, GateSettings, export_checkpoint
     d = tmp_path_factory.mktemp("mlp")
     # resnet18 keeps this export ~3x cheaper than DenseNet121; 4 parity images are enough for CAM
     ckpt = build_checkpoint(d / "mlp.safetensors", arch="resnet18", head="mlp_mish")
-    export_checkpoint(ckpt, d / "mlp.cxrpkg", ("fp32",), val=str(SAMPLES), val_limit=4, keep_failed=True,
-                      log=lambda m: None)
+    export_checkpoint(ckpt, d / "mlp.cxrpkg", ExportSettings(precisions=("fp32",), gate=GateSettings(
+        val=str(SAMPLES), val_limit=4, keep_failed=True)), log=lambda m: None)
     return d / "mlp.cxrpkg"
 
 

@@ -112,9 +112,10 @@ def test_gate_rejects_broken_weights_and_auto_skips_it(tiny_package, tiny_checkp
 
 
 def test_export_is_deterministic(tiny_checkpoint, tmp_path):
-    from cxr_edge.export import export_checkpoint
-    a = export_checkpoint(tiny_checkpoint, tmp_path / "a", ("fp32",), val=str(SAMPLES), keep_failed=True, log=lambda m: None)
-    b = export_checkpoint(tiny_checkpoint, tmp_path / "b", ("fp32",), val=str(SAMPLES), keep_failed=True, log=lambda m: None)
+    from cxr_edge.export import ExportSettings, GateSettings, export_checkpoint
+    settings = ExportSettings(precisions=("fp32",), gate=GateSettings(val=str(SAMPLES), keep_failed=True))
+    a = export_checkpoint(tiny_checkpoint, tmp_path / "a", settings, log=lambda m: None)
+    b = export_checkpoint(tiny_checkpoint, tmp_path / "b", settings, log=lambda m: None)
     assert a.artifact("fp32").sha256 == b.artifact("fp32").sha256
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,13 +297,117 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
     """Train one experiment. Under torchrun (world > 1) `batch_size` is the global batch: each of
     the world processes takes batch_size / world images per step (ShardedBatchSampler), so the
     papers' batch sizes mean the same thing on 1 or 8 GPUs; on CUDA BatchNorm becomes
-    SyncBatchNorm (cfg "sync_bn", default true) so batch statistics are the global batch's too."""
+    SyncBatchNorm (cfg "sync_bn", default true) so batch statistics are the global batch's too.
+
+    Writes run_dir/last.pt after every epoch (with resume=True a run continues from it, data order
+    and augmentation streams included), best.safetensors on every improvement of cfg "monitor",
+    log.csv, and phase<i>.safetensors at the end of each phase of a multi-phase run."""
+    run = _prepare_run(cfg, splits, run_dir, device, log)
+    phases = cfg.get("phases") or [{"name": "train", "epochs": cfg.get("epochs", 10), "trainable": "all"}]
+    state = {"phase": 0, "epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "history": [], "done": False}
+    saved_opt = None
+    if resume and run.last_path.is_file():
+        state, saved_opt = _restore_last(run)
+    while state["phase"] < len(phases) and not state["done"]:
+        phase = _start_phase(run, phases[state["phase"]], state["phase"], saved_opt)
+        saved_opt = None  # only the phase that was interrupted continues from a saved optimiser
+        _run_phase(run, phase, state, save_phase_end=len(phases) > 1)
+        if not state["done"]:
+            state["phase"] += 1
+            state["epoch"] = 0
+    if run.world > 1:
+        dist.barrier()
+    history = json.loads(json.dumps(state["history"]))
+    monitor = cfg.get("monitor", "val_macro_f1")
+    return TrainResult(run.run_dir, run.best_path, history, {"best_" + monitor: state["best_score"]})
+
+
+@dataclass
+class _Run:
+    """What every step of one training run shares; built once by `_prepare_run`."""
+    cfg: dict
+    rank: int
+    world: int
+    dev: torch.device
+    net: nn.Module                       # the bare network (DDP wraps it per phase: `_Phase.model`)
+    train_ds: CachedImages
+    val_ds: CachedImages
+    loader: torch.utils.data.DataLoader
+    generator: torch.Generator           # the loader's: saved in last.pt so a resumed run keeps the data order
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+    cpu_bf16: bool
+    channels_last: bool
+    meta: dict                           # written into every checkpoint
+    run_dir: Path
+    log: Callable[[str], None]
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.safetensors"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.csv"
+
+
+@dataclass
+class _Phase:
+    """One phase's training objects. DDP is wrapped per phase: it registers the parameters that
+    need gradients when it is built, and the trainable set changes between phases."""
+    name: object                          # cfg "name", else the phase index (as log.csv records it)
+    epochs: int
+    model: nn.Module                      # the network, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+
+
+@dataclass
+class _EpochStats:
+    """One epoch's training pass: summed loss, image and correct counts, and its timing."""
+    loss_sum: float
+    images: int
+    correct: int
+    started: float                        # time.time() at the start: the deadline counts validation too
+    seconds: float                        # the training pass alone
+
+
+def _prepare_run(cfg: dict, splits: dict, run_dir, device: str, log) -> _Run:
+    """Seeds, device, network, cached data, loss, loader and AMP state of one run. The order is
+    the original one on purpose: it fixes which random numbers the weight initialisation takes."""
     rank, world = dist_setup(device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     torch.manual_seed(seed)
     np.random.seed(seed)
+    dev = _pick_device(device, rank, world)
+    classes = list(cfg["data"]["classes"])
+    spec, dataset_norm = _initial_spec(cfg)
+    net, arch = _build_net(cfg, classes, spec, dev, world)
+    train_ds, val_ds, spec = _cache_datasets(cfg, splits, classes, spec, dataset_norm, seed + rank, rank, log)
+    counts = np.bincount(train_ds.labels, minlength=len(classes))
+    criterion = make_loss(cfg.get("loss", "ce"), counts).to(dev)
+    g = torch.Generator().manual_seed(seed)
+    loader = _make_loader(cfg, train_ds, g, rank, world, dev)
+    meta = {"architecture": arch, "classes": classes, "normal_class": cfg["data"].get("normal_class"),
+            "preprocess": spec.to_dict(), "experiment": cfg.get("name"), "train_counts": counts.tolist()}
+    scaler = torch.amp.GradScaler(enabled=dev.type == "cuda")
+    cpu_bf16 = dev.type == "cpu" and _want_cpu_bf16(cfg.get("cpu_bf16", "auto"))
+    if rank == 0 and dev.type == "cpu":
+        log(f"cpu bf16 autocast: {'on' if cpu_bf16 else 'off'} ({cpu_bf16_support()[1]})")
+    return _Run(cfg=cfg, rank=rank, world=world, dev=dev, net=net, train_ds=train_ds, val_ds=val_ds,
+                loader=loader, generator=g, criterion=criterion, scaler=scaler, cpu_bf16=cpu_bf16,
+                channels_last=bool(cfg.get("channels_last", True)), meta=meta, run_dir=run_dir, log=log)
+
+
+def _pick_device(device: str, rank: int, world: int) -> torch.device:
+    """"auto" -> CUDA when available, else the CPU; under DDP on CUDA each process takes GPU
+    LOCAL_RANK (modulo the GPUs it sees)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
@@ -311,14 +416,22 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    return dev
 
-    classes = list(cfg["data"]["classes"])
+
+def _initial_spec(cfg: dict) -> tuple[PreprocessSpec, bool]:
+    """(spec, dataset_norm): cfg "preprocess" as a spec. dataset_norm: its mean/std are "dataset",
+    held by placeholders until the training images are cached (then `_dataset_norm`)."""
     pp = dict(cfg["preprocess"])
     dataset_norm = pp.get("mean") == "dataset" or pp.get("std") == "dataset"
-    if dataset_norm:  # placeholder until the training images are cached
+    if dataset_norm:
         ch = int(pp.get("channels", 3))
         pp["mean"], pp["std"] = [0.5] * ch, [0.25] * ch
-    spec = PreprocessSpec.from_dict(pp)
+    return PreprocessSpec.from_dict(pp), dataset_norm
+
+
+def _build_net(cfg: dict, classes: list, spec: PreprocessSpec, dev: torch.device, world: int) -> tuple[nn.Module, dict]:
+    """(network on `dev`, initialised as cfg "model" "init" says; its architecture dict)."""
     arch = dict(cfg["model"], num_classes=len(classes), in_channels=spec.channels, input_size=spec.size)
     arch.pop("init", None), arch.pop("init_path", None)
     net = build(arch)
@@ -328,12 +441,17 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     # channels_last: faster convolutions on CUDA and on CPU alike (DenseNet121 at 160 px on the
     # 2-core CPU: 7.8 vs 6.1 img/s).
-    channels_last = cfg.get("channels_last", True)
-    if channels_last:
+    if cfg.get("channels_last", True):
         net = net.to(memory_format=torch.channels_last)
+    return net, arch
 
+
+def _cache_datasets(cfg: dict, splits: dict, classes: list, spec: PreprocessSpec, dataset_norm: bool,
+                    augment_seed: int, rank: int, log) -> tuple[CachedImages, CachedImages, PreprocessSpec]:
+    """(train set with augmentation, val set, spec). With dataset_norm the spec's mean/std become
+    the training images' own, in both sets and in what the checkpoints record."""
     t0 = time.time()
-    train_ds = CachedImages(splits["train"], classes, spec, Augment.from_dict(cfg.get("augment"), seed + rank))
+    train_ds = CachedImages(splits["train"], classes, spec, Augment.from_dict(cfg.get("augment"), augment_seed))
     val_ds = CachedImages(splits["val"], classes, spec)
     if dataset_norm:
         spec = train_ds.spec = val_ds.spec = _dataset_norm(train_ds, spec)
@@ -341,155 +459,194 @@ def train(cfg: dict, splits: dict[str, list[Sample]], run_dir, device: str = "au
             log(f"dataset normalisation: mean {spec.mean[0]:.4f} std {spec.std[0]:.4f}")
     if rank == 0:
         log(f"cached {len(train_ds)} train / {len(val_ds)} val images in {time.time() - t0:.0f}s")
-    counts = np.bincount(train_ds.labels, minlength=len(classes))
-    criterion = make_loss(cfg.get("loss", "ce"), counts).to(dev)
+    return train_ds, val_ds, spec
+
+
+def _make_loader(cfg: dict, train_ds: CachedImages, g: torch.Generator, rank: int, world: int,
+                 dev: torch.device) -> torch.utils.data.DataLoader:
+    """The training loader, shuffled by `g`: DDP shards of the global batch, a random subset of
+    cfg "samples_per_epoch" images per epoch, or every image once per epoch."""
     bs = int(cfg.get("batch_size", 16))
-    g = torch.Generator().manual_seed(seed)
     workers = int(cfg.get("workers", 0))
+    pin = dev.type == "cuda"
     if world > 1:
         batches = ShardedBatchSampler(train_ds, bs, rank, world, g, drop_last=len(train_ds) > bs)
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, generator=g, num_workers=workers,
-                                             worker_init_fn=_reseed_worker, pin_memory=dev.type == "cuda")
-    elif cfg.get("samples_per_epoch") and int(cfg["samples_per_epoch"]) < len(train_ds):
+        return torch.utils.data.DataLoader(train_ds, batch_sampler=batches, generator=g, num_workers=workers,
+                                           worker_init_fn=_reseed_worker, pin_memory=pin)
+    if cfg.get("samples_per_epoch") and int(cfg["samples_per_epoch"]) < len(train_ds):
         # shorter epochs (a fresh random subset each epoch, from the same seeded generator): more
         # frequent validation and checkpoints when one pass over the data takes too long (CPU)
         sampler = torch.utils.data.RandomSampler(train_ds, num_samples=int(cfg["samples_per_epoch"]), generator=g)
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=workers,
-                                             drop_last=True, worker_init_fn=_reseed_worker if workers else None,
-                                             pin_memory=dev.type == "cuda")
+        return torch.utils.data.DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=workers,
+                                           drop_last=True, worker_init_fn=_reseed_worker if workers else None,
+                                           pin_memory=pin)
+    return torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g,
+                                       num_workers=workers, drop_last=len(train_ds) > bs,
+                                       worker_init_fn=_reseed_worker if workers else None, pin_memory=pin)
+
+
+def _restore_last(run: _Run) -> tuple[dict, tuple]:
+    """Load last.pt into the network, the random streams and the AMP scaler. Returns (loop state,
+    (optimizer state, scheduler state)) for the phase that was interrupted."""
+    saved = torch.load(run.last_path, map_location="cpu", weights_only=True)
+    run.net.load_state_dict(saved["model"])
+    state = json.loads(saved["state"])
+    torch.set_rng_state(saved["rng"])
+    # the data order and augmentation streams continue where they stopped, so a resumed run
+    # equals an uninterrupted one
+    if saved.get("loader_rng") is not None:
+        run.generator.set_state(saved["loader_rng"])
+    if saved.get("augment_rng") and run.train_ds.augment is not None:
+        run.train_ds.augment.rng.bit_generator.state = json.loads(saved["augment_rng"])
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(json.loads(saved["scaler"]))
+    if run.rank == 0:
+        run.log(f"resumed from {run.last_path}: phase {state['phase']} epoch {state['epoch']}")
+    return state, (saved["optimizer"], saved.get("scheduler"))
+
+
+def _start_phase(run: _Run, ph: dict, index: int, saved_opt: tuple | None) -> _Phase:
+    """Set phase `ph`'s trainable layers and build its model, optimiser and schedule; saved_opt:
+    (optimizer state, scheduler state) to continue from when resuming inside this phase."""
+    cfg, net = run.cfg, run.net
+    n_train = set_trainable(net, ph.get("trainable", "all"))
+    model = nn.parallel.DistributedDataParallel(net, device_ids=[run.dev.index] if run.dev.type == "cuda" else None) \
+        if run.world > 1 else net
+    lr = float(ph.get("lr", cfg.get("optimizer", {}).get("lr", 1e-3)))
+    opt = make_optimizer(cfg.get("optimizer", {}), [p for p in net.parameters() if p.requires_grad], lr)
+    sched = make_scheduler(ph.get("schedule", cfg.get("schedule")), opt, int(ph["epochs"]), len(run.loader))
+    if saved_opt is not None:
+        opt_state, sched_state = saved_opt
+        opt.load_state_dict(opt_state)
+        if sched is not None and sched_state is not None:
+            sched.load_state_dict(sched_state)
+    if run.rank == 0:
+        run.log(f"phase {ph.get('name', index)}: {n_train:,} trainable parameters, lr {lr:g}")
+    return _Phase(ph.get("name", index), int(ph["epochs"]), model, opt, sched)
+
+
+def _run_phase(run: _Run, phase: _Phase, state: dict, save_phase_end: bool) -> None:
+    """The epochs of one phase from state["epoch"] on, until the phase ends or the run stops
+    (state["done"]). After every epoch last.pt holds all a resumed run needs."""
+    while state["epoch"] < phase.epochs:
+        stats = _train_epoch(run, phase, len(state["history"]))
+        row, rep = _validate(run, phase, state, stats)
+        _record_epoch(run, state, row, rep)
+        _check_stop(run, state, row, stats.started)
+        if run.rank == 0 and save_phase_end and (state["done"] or state["epoch"] >= phase.epochs):
+            # the weights at the end of each phase (e.g. Yapicioglu's feature-extraction result)
+            save_checkpoint(run.run_dir / f"phase{state['phase']}.safetensors", run.net,
+                            dict(run.meta, val=rep, epoch=row["epoch"], phase=phase.name))
+        if run.rank == 0:
+            _save_last(run, phase, state)
+        if state["done"]:
+            break
+
+
+def _train_epoch(run: _Run, phase: _Phase, epoch_index: int) -> _EpochStats:
+    """One pass over the training loader; epoch_index (epochs done so far, all phases) reseeds a
+    DDP sampler so every process draws the same global batches."""
+    if hasattr(run.loader.sampler, "set_epoch"):
+        run.loader.sampler.set_epoch(epoch_index)
+    train_mode(run.net)
+    t = time.time()
+    tot, n, correct = 0.0, 0, 0
+    log_every = run.cfg.get("log_every")
+    for step, (x, y) in enumerate(run.loader, 1):
+        loss, hits = _train_step(run, phase, x, y)
+        tot += loss * len(y)
+        n += len(y)
+        correct += hits
+        if run.rank == 0 and log_every and step % int(log_every) == 0:
+            run.log(f"  step {step}/{len(run.loader)} loss {tot / n:.4f} "
+                    f"{n * run.world / (time.time() - t):.1f} img/s")
+    if run.dev.type == "cuda":
+        torch.cuda.synchronize(run.dev)
+    return _EpochStats(tot, n, correct, t, time.time() - t)
+
+
+def _train_step(run: _Run, phase: _Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """One optimiser (and schedule) step on the batch (x (B, C, H, W) float32, y (B,) int64).
+    Returns (mean loss of the batch, number of correct top-1 predictions)."""
+    x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)
+    if run.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with autocast_context(run.dev, run.cpu_bf16):
+        logits = phase.model(x)
+        loss = run.criterion(logits.float(), y)
+    phase.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(phase.opt)
+    run.scaler.update()
+    if phase.sched is not None:
+        phase.sched.step()
+    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+
+def _validate(run: _Run, phase: _Phase, state: dict, stats: _EpochStats) -> tuple[dict, dict]:
+    """(log.csv row of this epoch, classification report on the validation set)."""
+    probs = predict(run.net, run.val_ds, run.dev)
+    labels = run.val_ds.labels
+    val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                            torch.from_numpy(labels)))
+    rep = classification_report(labels, probs, run.meta["classes"], run.meta["normal_class"])
+    n, secs = stats.images, stats.seconds
+    row = {"epoch": len(state["history"]) + 1, "phase": phase.name,
+           "train_loss": stats.loss_sum / max(1, n), "train_acc": stats.correct / max(1, n), "val_loss": val_loss,
+           "val_acc": rep["accuracy"], "val_macro_f1": rep["macro"]["f1"], "lr": phase.opt.param_groups[0]["lr"],
+           "seconds": secs, "img_per_s": n * run.world / secs if secs else 0.0}
+    return row, rep
+
+
+def _record_epoch(run: _Run, state: dict, row: dict, rep: dict) -> None:
+    """Append the row and track the best cfg "monitor" score; rank 0 logs the row, writes
+    best.safetensors on an improvement and rewrites log.csv."""
+    state["history"].append(row)
+    state["epoch"] += 1
+    score = _monitor_score(run.cfg.get("monitor", "val_macro_f1"), row)
+    # every rank keeps the same bookkeeping (the validation set and weights are the same
+    # everywhere), so early stopping ends all DDP processes at the same epoch
+    improved = score > state["best_score"]
+    if improved:
+        state["best_score"], state["bad_epochs"] = score, 0
     else:
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g,
-                                             num_workers=workers, drop_last=len(train_ds) > bs,
-                                             worker_init_fn=_reseed_worker if workers else None,
-                                             pin_memory=dev.type == "cuda")
+        state["bad_epochs"] += 1
+    if run.rank == 0:
+        run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if improved:
+            save_checkpoint(run.best_path, run.net, dict(run.meta, val=rep, epoch=row["epoch"]))
+        _write_log_csv(run.log_path, state["history"])
 
-    meta = {"architecture": arch, "classes": classes, "normal_class": cfg["data"].get("normal_class"),
-            "preprocess": spec.to_dict(), "experiment": cfg.get("name"), "train_counts": counts.tolist()}
-    phases = cfg.get("phases") or [{"name": "train", "epochs": cfg.get("epochs", 10), "trainable": "all"}]
-    stop_cfg = cfg.get("early_stopping", {})
-    monitor = cfg.get("monitor", "val_macro_f1")
-    last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.safetensors", run_dir / "log.csv"
 
-    state = {"phase": 0, "epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "history": [], "done": False}
-    opt_state = sched_state = None
-    scaler = torch.amp.GradScaler(enabled=dev.type == "cuda")
-    cpu_bf16 = dev.type == "cpu" and _want_cpu_bf16(cfg.get("cpu_bf16", "auto"))
-    if rank == 0 and dev.type == "cpu":
-        log(f"cpu bf16 autocast: {'on' if cpu_bf16 else 'off'} ({cpu_bf16_support()[1]})")
-    if resume and last_path.is_file():
-        saved = torch.load(last_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["model"])
-        state = json.loads(saved["state"])
-        opt_state, sched_state = saved["optimizer"], saved.get("scheduler")
-        torch.set_rng_state(saved["rng"])
-        # the data order and augmentation streams continue where they stopped, so a resumed run
-        # equals an uninterrupted one
-        if saved.get("loader_rng") is not None:
-            g.set_state(saved["loader_rng"])
-        if saved.get("augment_rng") and train_ds.augment is not None:
-            train_ds.augment.rng.bit_generator.state = json.loads(saved["augment_rng"])
-        if saved.get("scaler"):
-            scaler.load_state_dict(json.loads(saved["scaler"]))
-        if rank == 0:
-            log(f"resumed from {last_path}: phase {state['phase']} epoch {state['epoch']}")
+def _write_log_csv(path: Path, history: list[dict]) -> None:
+    """log.csv: one row per epoch so far, columns as in the latest row."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[-1]))
+        w.writeheader()
+        w.writerows(history)
 
-    while state["phase"] < len(phases) and not state["done"]:
-        ph = phases[state["phase"]]
-        n_train = set_trainable(net, ph.get("trainable", "all"))
-        # DDP is wrapped per phase: it registers the parameters that need gradients when built
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None) \
-            if world > 1 else net
-        lr = float(ph.get("lr", cfg.get("optimizer", {}).get("lr", 1e-3)))
-        opt = make_optimizer(cfg.get("optimizer", {}), [p for p in net.parameters() if p.requires_grad], lr)
-        sched = make_scheduler(ph.get("schedule", cfg.get("schedule")), opt, int(ph["epochs"]), len(loader))
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
-            if sched is not None and sched_state is not None:
-                sched.load_state_dict(sched_state)
-            opt_state = sched_state = None
-        if rank == 0:
-            log(f"phase {ph.get('name', state['phase'])}: {n_train:,} trainable parameters, lr {lr:g}")
-        while state["epoch"] < int(ph["epochs"]):
-            if hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(len(state["history"]))
-            train_mode(net)
-            t = time.time()
-            tot, n, correct = 0.0, 0, 0
-            for step, (x, y) in enumerate(loader, 1):
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if channels_last:
-                    x = x.to(memory_format=torch.channels_last)
-                with autocast_context(dev, cpu_bf16):
-                    logits = model(x)
-                    loss = criterion(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                if sched is not None:
-                    sched.step()
-                tot += float(loss.detach()) * len(y)
-                n += len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                if rank == 0 and cfg.get("log_every") and step % int(cfg["log_every"]) == 0:
-                    log(f"  step {step}/{len(loader)} loss {tot / n:.4f} {n * world / (time.time() - t):.1f} img/s")
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            secs = time.time() - t
-            probs = predict(net, val_ds, dev)
-            val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                                                    torch.from_numpy(val_ds.labels)))
-            rep = classification_report(val_ds.labels, probs, classes, cfg["data"].get("normal_class"))
-            row = {"epoch": len(state["history"]) + 1, "phase": ph.get("name", state["phase"]),
-                   "train_loss": tot / max(1, n), "train_acc": correct / max(1, n), "val_loss": val_loss,
-                   "val_acc": rep["accuracy"], "val_macro_f1": rep["macro"]["f1"], "lr": opt.param_groups[0]["lr"],
-                   "seconds": secs, "img_per_s": n * world / secs if secs else 0.0}
-            state["history"].append(row)
-            state["epoch"] += 1
-            score = _monitor_score(monitor, row)
-            # every rank keeps the same bookkeeping (the validation set and weights are the same
-            # everywhere), so early stopping ends all DDP processes at the same epoch
-            improved = score > state["best_score"]
-            if improved:
-                state["best_score"], state["bad_epochs"] = score, 0
-            else:
-                state["bad_epochs"] += 1
-            if rank == 0:
-                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-                if improved:
-                    save_checkpoint(best_path, net, dict(meta, val=rep, epoch=row["epoch"]))
-                with open(log_path, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(row))
-                    w.writeheader()
-                    w.writerows(state["history"])
-            if _should_stop(stop_cfg, state, row):
-                state["done"] = True
-            if _past_deadline(cfg.get("deadline"), time.time() - t):
-                state["done"] = True
-                if rank == 0:
-                    log(f"stopping: another epoch would end after the deadline {cfg['deadline']}")
-            phase_over = state["done"] or state["epoch"] >= int(ph["epochs"])
-            if rank == 0 and phase_over and len(phases) > 1:
-                # the weights at the end of each phase (e.g. Yapicioglu's feature-extraction result)
-                save_checkpoint(run_dir / f"phase{state['phase']}.safetensors", net,
-                                dict(meta, val=rep, epoch=row["epoch"], phase=ph.get("name", state["phase"])))
-            if rank == 0:
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict() if sched is not None else None,
-                            "state": json.dumps(state), "rng": torch.get_rng_state(),
-                            "loader_rng": g.get_state(),
-                            "augment_rng": json.dumps(train_ds.augment.rng.bit_generator.state)
-                            if train_ds.augment is not None else "",
-                            "scaler": json.dumps(scaler.state_dict()) if scaler.is_enabled() else ""}, last_path)
-            if state["done"]:
-                break
-        if not state["done"]:
-            state["phase"] += 1
-            state["epoch"] = 0
-    if world > 1:
-        dist.barrier()
-    best = json.loads(json.dumps(state["history"]))
-    return TrainResult(run_dir, best_path, best, {"best_" + monitor: state["best_score"]})
+
+def _check_stop(run: _Run, state: dict, row: dict, epoch_started: float) -> None:
+    """Mark the run done on early stopping, or when another epoch as long as this one (training +
+    validation) would end after cfg "deadline"."""
+    if _should_stop(run.cfg.get("early_stopping", {}), state, row):
+        state["done"] = True
+    if _past_deadline(run.cfg.get("deadline"), time.time() - epoch_started):
+        state["done"] = True
+        if run.rank == 0:
+            run.log(f"stopping: another epoch would end after the deadline {run.cfg['deadline']}")
+
+
+def _save_last(run: _Run, phase: _Phase, state: dict) -> None:
+    """last.pt: weights, optimiser, schedule, loop state, every random stream (torch, loader,
+    augmentation) and the AMP scaler: what `_restore_last` needs to continue exactly."""
+    aug = run.train_ds.augment
+    torch.save({"model": run.net.state_dict(), "optimizer": phase.opt.state_dict(),
+                "scheduler": phase.sched.state_dict() if phase.sched is not None else None,
+                "state": json.dumps(state), "rng": torch.get_rng_state(),
+                "loader_rng": run.generator.get_state(),
+                "augment_rng": json.dumps(aug.rng.bit_generator.state) if aug is not None else "",
+                "scaler": json.dumps(run.scaler.state_dict()) if run.scaler.is_enabled() else ""}, run.last_path)
 
 
 def _past_deadline(deadline, epoch_seconds: float) -> bool:
