@@ -11,7 +11,11 @@ Evidence for one combination comes from one of:
 
 What is timed: the median wall time of `infer` on one batch of 8 reference tensors (synthetic
 tensors when the package has no reference set), 5 timed runs after 1 warm-up; speed = 8 / median,
-in images per second (inference only: no decode, no preprocess).
+in images per second (inference only: no decode, no preprocess). Contenders for `auto` are timed
+TOGETHER (`time_together`): one batch on each in turn, round after round, so that a load spike on
+this machine hits them all alike; every speed of such a run carries the same `session`. `auto`
+compares only speeds of one session: when the cached speeds of its contenders come from different
+sessions (timed alone, or at different times under different load), they are timed again together.
 
 Cache: one JSON file per (package digest, backend, precision, runtime version, device
 fingerprint) under cache_root()/verdicts/. A file that cannot be read or does not match its key
@@ -243,6 +247,7 @@ class Speed:
     batch: int = TIMING_BATCH
     runs: int = TIMING_RUNS
     inputs: str = "reference tensors"
+    session: str = ""                 # shared by every combination timed together ("" = timed alone)
 
     def text(self) -> str:
         """One-line speed, e.g. "123.4 img/s (batch 8, median of 5)"."""
@@ -366,19 +371,44 @@ def _softmax(logits):
     return softmax(logits)
 
 
-def time_backend(backend, tensors: np.ndarray, inputs: str) -> Speed:
-    """Median of TIMING_RUNS timed `infer` calls on one batch (after one warm-up)."""
+def _timing_batch(tensors: np.ndarray) -> np.ndarray:
     batch = np.ascontiguousarray(tensors[:TIMING_BATCH])
     if len(batch) < TIMING_BATCH:
         batch = np.concatenate([batch] * (TIMING_BATCH // max(1, len(batch)) + 1))[:TIMING_BATCH]
-    backend.infer(batch)
-    times = []
+    return batch
+
+
+def time_backend(backend, tensors: np.ndarray, inputs: str) -> Speed:
+    """Median of TIMING_RUNS timed `infer` calls on one batch (after one warm-up), alone."""
+    return time_together([backend], tensors, inputs, session="")[0]
+
+
+def time_together(backends: list, tensors: np.ndarray, inputs: str, session: str | None = None) -> list[Speed]:
+    """Time several open backends on the same batch, interleaved: one warm-up each, then TIMING_RUNS
+    rounds in which each backend runs the batch once, in turn. Returns one Speed per backend (median
+    of its rounds), all carrying one new `session` id (or the given one)."""
+    batch = _timing_batch(tensors)
+    for b in backends:
+        b.infer(batch)
+    times = [[] for _ in backends]
     for _ in range(TIMING_RUNS):
-        t = time.perf_counter()
-        backend.infer(batch)
-        times.append(time.perf_counter() - t)
-    med = float(np.median(times))
-    return Speed(images_per_s=len(batch) / med, median_ms=1000 * med, inputs=inputs)
+        for i, b in enumerate(backends):
+            t = time.perf_counter()
+            b.infer(batch)
+            times[i].append(time.perf_counter() - t)
+    if session is None:
+        session = f"{time.time_ns():x}-{os.getpid():x}"
+    out = []
+    for ts in times:
+        med = float(np.median(ts))
+        out.append(Speed(images_per_s=len(batch) / med, median_ms=1000 * med, inputs=inputs, session=session))
+    return out
+
+
+def timed_together(evidence: list) -> bool:
+    """True when every evidence has a speed and all were timed in one session (comparable)."""
+    sessions = {e.speed.session if e.speed is not None else None for e in evidence}
+    return len(sessions) == 1 and next(iter(sessions)) not in (None, "")
 
 
 def measure_parity(backend, tensors: np.ndarray, ref_probs: np.ndarray, batch: int = 16) -> ParityStats:
@@ -435,9 +465,10 @@ def known_evidence(package, artifact, backend: str, precision: str, device: str)
 
 
 def measure(package, backend, ev: Evidence, key: dict, parity: bool, refset: ReferenceSet | None,
-            tensors: np.ndarray | None) -> Evidence:
-    """Measure on an open backend: parity on the reference set when `parity`, and speed. Updates
-    `ev` and the cache. Raises ReferenceSetError when parity is asked for without a reference set."""
+            tensors: np.ndarray | None, timed: bool = True) -> Evidence:
+    """Measure on an open backend: parity on the reference set when `parity`, and speed (alone)
+    when `timed`. Updates `ev` and the cache. Raises ReferenceSetError when parity is asked for
+    without a reference set."""
     stats = None
     if parity:
         if refset is None:
@@ -448,10 +479,22 @@ def measure(package, backend, ev: Evidence, key: dict, parity: bool, refset: Ref
         stats.seconds = round(time.perf_counter() - t, 3)
         ev.source, ev.stats, ev.cached, ev.note = "this device", stats, False, ""
         ev.verdict = judge(stats, ev.precision, package.classes, package.normal_class, source="this device")
-    inputs = "reference tensors" if refset is not None else "synthetic tensors"
-    ev.speed = time_backend(backend, tensors if refset is not None else synthetic_tensors(package.preprocess), inputs)
+    if timed:
+        inputs = "reference tensors" if refset is not None else "synthetic tensors"
+        ev.speed = time_backend(backend, tensors if refset is not None else synthetic_tensors(package.preprocess),
+                                inputs)
     store(key, stats if stats is not None else (ev.stats if ev.source == "this device" else None), ev.speed)
     return ev
+
+
+def measure_speeds_together(package, opened: list, refset: ReferenceSet | None, tensors: np.ndarray | None) -> None:
+    """Time open backends together (`time_together`) and store each speed with its evidence.
+    opened: (backend, evidence, cache key) triples."""
+    inputs = "reference tensors" if refset is not None else "synthetic tensors"
+    x = tensors if refset is not None else synthetic_tensors(package.preprocess)
+    for (b, ev, key), sp in zip(opened, time_together([b for b, _, _ in opened], x, inputs)):
+        ev.speed = sp
+        store(key, ev.stats if ev.source == "this device" else None, sp)
 
 
 # -- ranking -----------------------------------------------------------------------------------

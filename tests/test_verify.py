@@ -321,3 +321,31 @@ def test_cuda_paths_verify_on_the_reference_set(ref_package, cache, backend, pre
         np.testing.assert_allclose(together, alone, rtol=0, atol=1e-3 if precision != "fp32" else 1e-5)
     finally:
         d.close()
+
+
+def test_auto_compares_only_speeds_timed_together(ref_package, cache):
+    """Speeds cached at different times (another load on the machine) are not compared: auto times
+    its contenders again, interleaved, in one session; the next decision reuses them unopened."""
+    from cxr_edge.backends import decide
+    from cxr_edge.verify import Speed, load_cached, store
+    pkg = ModelPackage.read(ref_package)
+    d = decide(pkg, "auto", "fp32", threads=1, measure=True)
+    keys = [c.key for c in d.ranked if c.evidence.source != "reference"]
+    d.close()
+    if len(keys) < 2:
+        pytest.skip("fewer than two fp32 contenders on this machine")
+    # pretend each was timed alone, at a different time: a stale, incomparable ranking
+    for i, c in enumerate(c for c in d.ranked if c.key in keys):
+        stale = Speed(images_per_s=1000.0 * (i + 1), median_ms=8.0 / (i + 1), session=f"stale-{i}")
+        store(c.cache_key, c.evidence.stats if c.evidence.source == "this device" else None, stale)
+    d2 = decide(pkg, "auto", "fp32", threads=1, measure=True)
+    sessions = {c.evidence.speed.session for c in d2.ranked if c.key in keys}
+    assert len(sessions) == 1 and not next(iter(sessions)).startswith("stale"), sessions
+    assert set(keys) <= set(d2.opened)
+    for c in d2.ranked:
+        if c.key in keys:
+            assert load_cached(c.cache_key)["speed"].session in sessions
+    d2.close()
+    d3 = decide(pkg, "auto", "fp32", threads=1, measure=True)
+    assert d3.opened == {} and {c.evidence.speed.session for c in d3.ranked if c.key in keys} == sessions
+    d3.close()

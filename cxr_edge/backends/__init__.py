@@ -171,7 +171,7 @@ def decide(package, backend="auto", precision="auto", threads=None, options=None
     "unverified_ok" (open combinations needing a device verdict without one), "ignore_gate" (also
     those whose gate failed: benchmarks only). Backends opened for measuring stay open
     in Decision.opened (the caller closes them, or keeps the winner)."""
-    from ..verify import ReferenceSetError, Ranking, measure as measure_on, rank, read_reference_set
+    from ..verify import ReferenceSetError, Ranking, measure as measure_on, rank, read_reference_set, timed_together
     measure = _measuring_enabled(options) if measure is None else measure
     found, skipped = candidates(package, backend, precision, options, include_failed=force_parity)
     # the torch CPU reference is the fallback, not a contender: timing it would import torch
@@ -208,7 +208,7 @@ def decide(package, backend="auto", precision="auto", threads=None, options=None
             else:
                 skipped.append(f"{c.backend} {c.precision}: cannot verify on this device: {why}")
                 continue
-        if not parity and not (time_them and c.evidence.speed is None):
+        if not parity:
             usable.append(c)
             continue
         try:
@@ -218,7 +218,7 @@ def decide(package, backend="auto", precision="auto", threads=None, options=None
             continue
         opened[c.key] = b
         try:
-            measure_on(package, b, c.evidence, c.cache_key, parity, refset, tensors)
+            measure_on(package, b, c.evidence, c.cache_key, parity, refset, tensors, timed=not time_them)
         except Exception as e:
             skipped.append(f"{c.backend} {c.precision}: failed to run on the reference set: {e}")
             b.close()
@@ -232,6 +232,8 @@ def decide(package, backend="auto", precision="auto", threads=None, options=None
             continue
         c.reason = f"{status_text(c)}; {c.artifact.file} passed its parity gate ({c.evidence.where()})"
         usable.append(c)
+    if time_them and len(usable) > 1 and not timed_together([c.evidence for c in usable]):
+        _time_usable_together(package, usable, opened, skipped, threads, options, refset, tensors)
     if usable:
         ranking = rank(usable) if (backend == "auto" or precision == "auto") else Ranking(usable, "as requested")
     else:
@@ -239,6 +241,22 @@ def decide(package, backend="auto", precision="auto", threads=None, options=None
     ranked = ranking.order + fallback
     reason = ranking.reason if ranking.order else ("only the torch fp32 reference is usable" if fallback else "")
     return Decision(ranked, reason, skipped, opened)
+
+
+def _time_usable_together(package, usable: list, opened: dict, skipped: list, threads, options, refset,
+                          tensors) -> None:
+    """Open every usable contender not yet open and time them all in one interleaved session
+    (verify.time_together), so that `rank` compares speeds measured under the same load. A
+    contender that fails to load is dropped from `usable`, with the reason in `skipped`."""
+    from ..verify import measure_speeds_together
+    for c in list(usable):
+        if c.key not in opened:
+            try:
+                opened[c.key] = open_backend(package, c, threads, options)
+            except Exception as e:
+                skipped.append(f"{c.backend} {c.precision}: failed to load: {e}")
+                usable.remove(c)
+    measure_speeds_together(package, [(opened[c.key], c.evidence, c.cache_key) for c in usable], refset, tensors)
 
 
 def _verify_now(package, ch: Choice, b: Backend) -> str:
