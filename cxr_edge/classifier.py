@@ -57,6 +57,10 @@ class Classifier:
         self.backend, self.why = load_best(package, backend, precision, threads, options)
         self._check_output_width()
         self.decode_workers = decode_workers or max(2, min(4, os.cpu_count() or 2))
+        # predict_one: one large image's resample on up to this many cores; its standing decode threads
+        self.split_threads = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else (os.cpu_count() or 1)))
+        self._single: DecodePool | None = None
         self._cam = None
         self._cam_lock = threading.Lock()
         from .nearties import threshold as _near_tie_threshold
@@ -65,20 +69,28 @@ class Classifier:
     def _check_output_width(self):
         """One zero image through the loaded backend: its logits must have one column per class of
         model.json (2 names for a 3-output model would otherwise give probabilities that do not sum
-        to 1, or crash when the unnamed output wins). Costs one batch-1 inference at load.
+        to 1, or crash when the unnamed output wins); with a Mahalanobis input guard, its feature
+        map must have the guard's channels. Costs one batch-1 inference at load.
 
         Raises:
-            PackageError: the output width differs from the class count (the package is wrong).
+            PackageError: the output width differs from the class count, or the guard's feature map
+                is missing or of another width (the package is wrong).
             BackendError: the backend cannot run the test image.
         """
         from .backends.base import BackendError
         from .package import PackageError
         c, s = self.spec.channels, self.spec.size
         try:
-            logits = self.backend.infer(np.zeros((1, c, s, s), np.float32))["logits"]
+            out = self.backend.infer(np.zeros((1, c, s, s), np.float32), features=self.guard.needs_features)
+            logits = out["logits"]
         except Exception as e:
             self.backend.close()
             raise BackendError(f"{self.backend.describe()}: could not run a test image at load: {e}") from None
+        try:   # a Mahalanobis input guard needs the feature map it was fitted on (guard.py)
+            self.guard.check_features(out.get("features"), f"{self.package.root}: {self.backend.describe()}")
+        except PackageError:
+            self.backend.close()
+            raise
         shape, k = tuple(np.shape(logits)), len(self.classes)
         if shape != (1, k):
             self.backend.close()
@@ -97,11 +109,12 @@ class Classifier:
         return self.backend.precision
 
     # -- single steps, shared by every path --------------------------------------------------
-    def _prepare(self, item):
-        """(tensor, Decoded) or (None, error message): never raises for a bad input."""
+    def _prepare(self, item, threads: int = 1):
+        """(tensor, Decoded) or (None, error message): never raises for a bad input. threads:
+        resample one large image on that many threads (preprocess.resample; same values)."""
         try:
             d = decode(item, min_side=self.spec.decode_hint())
-            tensor = preprocess(d.pixels, self.spec)
+            tensor = preprocess(d.pixels, self.spec, threads=threads)
             # the full-resolution pixels are not needed any more (only their shape, for CAM): drop them
             # now, so that results waiting for a batch hold model tensors, not images (inflight.py)
             d.pixels = np.broadcast_to(np.float32(0), d.pixels.shape)
@@ -118,6 +131,7 @@ class Classifier:
         probs = self.guard.probabilities(out["logits"]) if out is not None else None
         if probs is not None:
             labels = self.guard.labels(probs)
+            ood = self.guard.ood_scores(out["logits"], out.get("features"))   # the whole batch at once
             from .nearties import flag
             margins, uncertain = flag(probs, self.uncertain_below)
         for item, (tensor, d) in zip(items, prepared):
@@ -131,7 +145,8 @@ class Classifier:
                        backend=self.backend.name, precision=self.precision, original_size=d.original_size,
                        margin=float(margins[k]), uncertain=uncertain[k])
             r.warnings = list(d.meta.get("warnings", ()))
-            r.warnings += self.guard.warnings(out["logits"][k], d.meta, r.source)
+            r.warnings += self.guard.warnings(out["logits"][k], d.meta, r.source,
+                                              score=None if ood is None else float(ood[k]))
             if explain:
                 from .cam import oriented_size
                 engine = self.cam_engine()
@@ -158,8 +173,15 @@ class Classifier:
         return list(self.stream(inputs, explain=explain))
 
     def predict_one(self, item, explain: bool = False) -> Result:
-        """One input, decoded in the calling thread: no pool to start, lowest latency."""
-        prepared = self._prepare(item)
+        """One input, lowest latency: decoded on this classifier's standing decode threads (none to
+        start per call) within `decode_timeout`, a large image's resample split over the cores
+        (`split_threads`), then one batch-1 inference. A bad or hung input gives an error Result."""
+        pool = self._one_pool()
+        task = pool.submit(self._prepare_split, item, estimate_bytes(item))
+        try:
+            prepared = pool.wait(task)
+        except (TimeoutError, RuntimeError) as e:    # a hung decoder: an error result, the classifier goes on
+            prepared = (None, f"{_describe(item)}: {e}")
         out = None
         if prepared[0] is not None:
             try:
@@ -168,6 +190,16 @@ class Classifier:
                 return Result(_describe(item), error=f"{_describe(item)}: inference failed on "
                               f"{self.backend.describe()}: {e}", backend=self.backend.name, precision=self.precision)
         return self._finish([item], [prepared], out, explain)[0]
+
+    def _prepare_split(self, item):
+        return self._prepare(item, self.split_threads)
+
+    def _one_pool(self) -> DecodePool:
+        with self._cam_lock:
+            if self._single is None:
+                self._single = DecodePool(self.decode_workers, self.decode_budget, self.decode_timeout,
+                                          name="cxr-predict-one")
+            return self._single
 
     def stream(self, inputs: Iterable, explain: bool = False) -> Iterator[Result]:
         """Results in input order as batches complete; memory stays bounded for any input length."""
@@ -231,10 +263,14 @@ class Classifier:
                 done: Future = Future()
                 done.set_result(engine.torch_outputs(batch))
                 return done
-        return self.backend.infer_async(batch, features=bool(explain))
+        # the feature map costs no extra compute (the head pools it anyway), only its copy out
+        return self.backend.infer_async(batch, features=bool(explain) or self.guard.needs_features)
 
     def close(self):
-        """Close the backend (also on leaving a `with` block)."""
+        """Close the backend and predict_one's decode threads (also on leaving a `with` block)."""
+        if self._single is not None:
+            self._single.close()
+            self._single = None
         self.backend.close()
 
     def __enter__(self):

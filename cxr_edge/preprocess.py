@@ -101,16 +101,62 @@ def resize_box(height: int, width: int, spec: PreprocessSpec) -> tuple[tuple[int
     return (spec.size, spec.size), (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
 
 
-def resample(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """float32 HxW in 0..1 -> float32 size x size in 0..1 (before normalisation)."""
+SPLIT_MIN_PIXELS = 1 << 21   # below ~2 MP a second thread costs more than it saves
+
+
+def resample(gray: np.ndarray, spec: PreprocessSpec, threads: int = 1) -> np.ndarray:
+    """float32 HxW in 0..1 -> float32 size x size in 0..1 (before normalisation).
+
+    threads > 1 (one large image, e.g. `Classifier.predict_one`): the same resample split over
+    threads with bit-identical values (`_resample_split`). Used for v1 specs (no reducing_gap) on
+    images of SPLIT_MIN_PIXELS or more; otherwise one Pillow call.
+    Raises ValueError: not a 2-D float32 image, or smaller than 2x2."""
     if gray.dtype != np.float32 or gray.ndim != 2:
         raise ValueError(f"preprocess expects a 2-D float32 grayscale image, got {gray.dtype} {gray.shape}")
     h, w = gray.shape
     if h < 2 or w < 2:
         raise ValueError(f"image of {w}x{h} pixels is too small to classify")
     out_size, box = resize_box(h, w, spec)
+    if threads > 1 and spec.reducing_gap is None and h * w >= SPLIT_MIN_PIXELS:
+        return _resample_split(gray, out_size, box, int(threads))
     img = Image.fromarray(np.ascontiguousarray(gray), mode="F")
     return np.asarray(img.resize(out_size, Image.BILINEAR, box=box, reducing_gap=spec.reducing_gap), dtype=np.float32)
+
+
+def _resample_split(gray: np.ndarray, out_size, box, threads: int) -> np.ndarray:
+    """Pillow's separable resample done as its two passes, the costly first one split by rows.
+
+    Pillow resamples horizontally first (every source row a vertical window reaches, one float32
+    row each) and then vertically. Resampling a band of rows with the box's x-range and the band's
+    full height runs exactly that horizontal pass on those rows (same coefficients: same width,
+    x-range and output width; no vertical pass). The bands fill one full-height float32
+    intermediate (rows no window reaches stay 0), and one vertical-only resample over the box's
+    y-range gives the same windows and weights as the one-call resample: identical values."""
+    (out_w, out_h), (x0, y0, x1, y1) = out_size, box
+    h = gray.shape[0]
+    support = max(1.0, (y1 - y0) / out_h)             # bilinear: 1 x the downscale factor
+    first, last = max(0, int(np.floor(y0 - support)) - 1), min(h, int(np.ceil(y1 + support)) + 1)
+    inter = np.zeros((h, out_w), np.float32)
+
+    def horizontal(r0: int, r1: int) -> None:
+        band = Image.fromarray(np.ascontiguousarray(gray[r0:r1]), mode="F")
+        inter[r0:r1] = np.asarray(band.resize((out_w, r1 - r0), Image.BILINEAR, box=(x0, 0, x1, r1 - r0)))
+
+    cuts = np.linspace(first, last, threads + 1).round().astype(int)
+    for f in [_pool(threads).submit(horizontal, int(a), int(b)) for a, b in zip(cuts, cuts[1:]) if b > a]:
+        f.result()
+    img = Image.fromarray(inter, mode="F")
+    return np.asarray(img.resize((out_w, out_h), Image.BILINEAR, box=(0, y0, out_w, y1)), dtype=np.float32)
+
+
+_POOLS: dict = {}
+
+
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+    if threads not in _POOLS:   # one small pool per width, for the process's life (daemon-like: idle threads)
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cxr-resample")
+    return _POOLS[threads]
 
 
 def normalise(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -121,13 +167,14 @@ def normalise(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return ((x - mean) * inv_std).astype(np.float32)
 
 
-def preprocess(gray: np.ndarray, spec: PreprocessSpec, augment=None) -> np.ndarray:
+def preprocess(gray: np.ndarray, spec: PreprocessSpec, augment=None, threads: int = 1) -> np.ndarray:
     """The model input (C, size, size) float32 for one decoded image.
 
     `augment` (training only) maps the resampled 0..1 image to another of the same shape; it
     runs before normalisation so augmented and plain inputs share every other step.
+    `threads`: resample one large image on that many threads (`resample`; same values).
     """
-    x = resample(gray, spec)
+    x = resample(gray, spec, threads)
     if augment is not None:
         x = np.asarray(augment(x), dtype=np.float32)
     return normalise(x, spec)

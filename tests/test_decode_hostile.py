@@ -410,6 +410,23 @@ def test_hung_decoder_becomes_an_error_row(default_package):
     assert rows[1].error == "HUNG: decoding took longer than 1 s; decoder abandoned"
 
 
+def test_hung_decoder_in_predict_one_becomes_an_error_result(default_package):
+    """predict_one bounds decode time too: the hung input gives an error Result within the limit,
+    and the next call is answered."""
+    import cxr_edge
+    from conftest import sample_images
+    file = str(sample_images()[0])
+    release = threading.Event()
+    with cxr_edge.load(default_package, backend="onnxruntime", precision="fp32", decode_timeout=1.0) as clf:
+        real = clf._prepare
+        clf._prepare = lambda item, threads=1: (release.wait(120), real(item))[1] if item == "HUNG" \
+            else real(item, threads)
+        hung, ok = clf.predict_one("HUNG"), clf.predict_one(file)
+    release.set()
+    assert hung.status == "error" and hung.error == "HUNG: decoding took longer than 1 s; decoder abandoned"
+    assert ok.status == "ok", ok.error
+
+
 def test_cli_decode_limits_validated():
     for flag, value in (("--decode-memory", "0"), ("--decode-timeout", "-1"), ("--decode-memory", "lots")):
         r = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "classify", flag, value, "x.png"],

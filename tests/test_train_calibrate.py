@@ -94,7 +94,7 @@ def test_fit_and_apply_write_the_package_keys_and_card(tmp_path):
     """fit() on a collect-shaped file (generated logits/features), then apply() to a copy of the
     default package: model.json keys, their checksummed round trip, and the card sections."""
     import shutil
-    from cxr_edge.package import DEFAULT_PACKAGE, ModelPackage
+    from cxr_edge.package import DEFAULT_PACKAGE, ModelPackage, PackageError, sha256_file
     if not (DEFAULT_PACKAGE / "model.json").is_file():
         pytest.skip("the default model package has not been built into this checkout yet")
     rng = np.random.default_rng(0)
@@ -111,21 +111,73 @@ def test_fit_and_apply_write_the_package_keys_and_card(tmp_path):
             np.array([cal.SYNTH_KINDS[i % 12] for i in range(n)])
         arr[f"{part}_paths"] = np.array([f"{part}{i}" for i in range(n)])
     np.savez(tmp_path / "c.npz", **arr)
-    frag = cal.fit(tmp_path / "c.npz")
+    frag = cal.fit(tmp_path / "c.npz", guard_file=tmp_path / "frag.input_guard.f32")
     n = frag["calibration"]["nll"]
     assert frag["calibration"]["temperature"] != 1.0 and n["val_after"] <= n["val_before"]
     op = frag["operating_points"]["sensitive"]
     assert op["val"]["sensitivity"] >= 0.95 and 0.5 <= op["normal_min_probability"] <= 0.995
     g = frag["input_guard"]
-    assert g["warn_below"] < g["warn_above"] and 0 <= g["rates"]["false_alarm_test_frontal"] <= 0.2
+    assert "warn_above" not in g and g["mahalanobis"]["channels"] == 8 and g["mahalanobis"]["classes"] == 3
+    r = g["rates"]
+    assert 0 < r["false_alarm_val_frontal"] <= 0.05 and r["false_alarm_test_frontal"] <= 0.1
+    assert r["miss_lateral"] == 0.0 and r["miss_synthetic"] == 0.0          # shifted by 3 sd in 8 dimensions
+    assert set(r["miss_synthetic_by_kind"]) == set(cal.SYNTH_KINDS)
+    assert frag["files"] == {"input_guard.f32": "frag.input_guard.f32"}
     import json
     (tmp_path / "frag.json").write_text(json.dumps(frag))
     pkg_dir = tmp_path / "pkg"
-    shutil.copytree(DEFAULT_PACKAGE, pkg_dir)
+    shutil.copytree(DEFAULT_PACKAGE, pkg_dir)                    # copies: never write into the shipped files
     cal.apply(pkg_dir, tmp_path / "frag.json")
-    pkg = ModelPackage.read(pkg_dir)                              # checksums still verify
+    pkg = ModelPackage.read(pkg_dir)                              # checksums still verify, the guard file's too
     assert pkg.calibration["temperature"] == frag["calibration"]["temperature"]
+    rec = pkg.input_guard["mahalanobis"]
+    assert rec["sha256"] == sha256_file(pkg_dir / "input_guard.f32") == g["mahalanobis"]["sha256"]
     assert "report" not in json.loads((pkg_dir / "model.json").read_text())
+    assert "files" not in json.loads((pkg_dir / "model.json").read_text())
     card = (pkg_dir / "MODEL_CARD.md").read_text()
     for heading in ("## Calibration", "## Operating point `sensitive`", "## Input guard"):
         assert heading in card
+    assert "Mahalanobis" in card and "Lee et al." in card
+    # these 8-channel parameters do not fit the model's 1024-channel feature map: refused at load
+    import cxr_edge
+    with pytest.raises(PackageError, match="needs a 'features' output of 8 channels"):
+        cxr_edge.load(pkg_dir, backend="onnxruntime", precision="fp32")
+    # re-runnable: a new fit replaces the file and its checksum
+    arr["val_features"] = arr["val_features"] * 1.5
+    np.savez(tmp_path / "c2.npz", **arr)
+    frag2 = cal.fit(tmp_path / "c2.npz", guard_file=tmp_path / "frag2.input_guard.f32")
+    (tmp_path / "frag2.json").write_text(json.dumps(frag2))
+    cal.apply(pkg_dir, tmp_path / "frag2.json")
+    again = ModelPackage.read(pkg_dir)
+    assert again.input_guard["mahalanobis"]["sha256"] == frag2["input_guard"]["mahalanobis"]["sha256"] != rec["sha256"]
+    # a parameter file that is not the one the fragment was fitted with is refused
+    (tmp_path / "frag2.input_guard.f32").write_bytes((tmp_path / "frag.input_guard.f32").read_bytes())
+    with pytest.raises(ValueError, match="not the parameter file this fragment was fitted with"):
+        cal.apply(pkg_dir, tmp_path / "frag2.json")
+    # a fragment whose guard has no parameter file removes the old one (unlisted, it would be refused)
+    (tmp_path / "energy.json").write_text(json.dumps({"input_guard": {"warn_below": 1.0, "warn_above": 6.0}}))
+    cal.apply(pkg_dir, tmp_path / "energy.json")
+    assert not (pkg_dir / "input_guard.f32").exists()
+    assert ModelPackage.read(pkg_dir).input_guard == {"warn_below": 1.0, "warn_above": 6.0}
+
+
+def test_guard_threshold_comes_from_out_of_fold_scores():
+    """Scored by parameters fitted on themselves, 150 images in 100 dimensions look far closer
+    than new ones: their 2 % quantile would warn on almost every new image. The out-of-fold
+    threshold keeps new images' false alarms low."""
+    from cxr_edge.guard import GapMahalanobis
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.3, 2, 100)
+
+    def draw(n):
+        y = np.arange(n) % 3
+        return rng.normal(0, 1, (n, 100)) * scale + 2 * np.eye(3, 100)[y], y
+    fv, yv = draw(150)
+    fresh, _ = draw(3000)
+    folds = cal.stratified_folds(yv)
+    assert all((np.bincount(folds[yv == k]) == 10).all() for k in range(3))   # each class spread evenly
+    g = GapMahalanobis.fit(fv, yv, 3)
+    in_sample = np.quantile(g.score(fv), 0.02)
+    out_of_fold = np.quantile(cal.out_of_fold_scores(fv, yv, 3), 0.02)
+    assert np.mean(g.score(fresh) < in_sample) > 0.5
+    assert np.mean(g.score(fresh) < out_of_fold) <= 0.05
