@@ -61,6 +61,7 @@ class Classifier:
         self.split_threads = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else (os.cpu_count() or 1)))
         self._single: DecodePool | None = None
+        self._single_lock = threading.Lock()
         self._cam = None
         self._cam_lock = threading.Lock()
         from .nearties import threshold as _near_tie_threshold
@@ -195,7 +196,7 @@ class Classifier:
         return self._prepare(item, self.split_threads)
 
     def _one_pool(self) -> DecodePool:
-        with self._cam_lock:
+        with self._single_lock:
             if self._single is None:
                 self._single = DecodePool(self.decode_workers, self.decode_budget, self.decode_timeout,
                                           name="cxr-predict-one")

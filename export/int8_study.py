@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     if shipped.is_file():   # the package's own INT8, as shipped, scored on the same images
         results["shipped"] = score(ref, _probs(_compile(shipped), data["eval_x"]), data["eval_src"])
         results["shipped"].update(quantize_seconds=None, variant={"calib_size": "?", "by_source": False},
-                                  extra=(pkg.artifact("int8") or {}).__dict__.get("extra", {}))
+                                  extra=getattr(pkg.artifact("int8"), "extra", {}))
         (out / "shipped.int8.onnx").write_bytes(shipped.read_bytes())
     for name in a.variants.split(","):
         results[name] = run_variant(VARIANTS[name], pkg, data, ref, out)

@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from cxr_edge.decode import DecodeError, decode  # noqa: E402
-from cxr_edge.dicom_lut import stored_to_gray  # noqa: E402
+from cxr_edge.dicom_lut import stored_to_gray, voi_lut_table  # noqa: E402
 
 F32_ROUNDING = 1e-7   # half an ulp of float32 near 1 is 6e-8
 
@@ -23,22 +23,10 @@ def _ref_first(v) -> float:
 
 
 def _ref_voi_lut(values, item, ds):
-    desc = [int(v) for v in item.LUTDescriptor]
-    n = desc[0] or 65536
-    first = desc[1]
-    if first >= 32768 and int(ds.get("PixelRepresentation", 0)) == 1:
-        first -= 65536
-    out_bits = desc[2]
-    data = item.LUTData
-    if isinstance(data, (bytes, bytearray)):
-        little = getattr(ds, "is_little_endian", None)
-        if little is None:
-            little = True
-        lut = np.frombuffer(data, dtype="<u2" if little else ">u2")
-    else:
-        lut = np.atleast_1d(np.asarray(data, dtype=np.float64))
+    # the table is parsed by the runtime's own reader; the per-pixel lookup below is the old path
+    lut, n, first, out_bits = voi_lut_table(item, ds)
     idx = np.clip(np.rint(values) - first, 0, n - 1).astype(np.intp)
-    return (lut[:n].astype(np.float64)[idx] / ((1 << out_bits) - 1)).clip(0, 1)
+    return (lut[idx] / ((1 << out_bits) - 1)).clip(0, 1)
 
 
 def _ref_window(values, c, w, function):
