@@ -1,0 +1,196 @@
+"""Quantization-aware fine-tuning for fidelity: an INT8 model trained to agree with its own fp32 reference.
+
+Post-training recipes (export/int8_study.py) leave the default DenseNet121 at ~99.3 % top-1
+agreement with torch fp32 and a max |Δp| of ~0.2 on unseen images. Here the fp32 network is
+quantized with NNCF for torch (fake-quantize modules, the same preset and ignored scope as the
+shipped PTQ recipe: stem convolution and classifier head in float), then fine-tuned by knowledge
+distillation from the frozen fp32 reference itself (Hinton et al., 2015): the loss is the KL
+divergence of the student's class probabilities from the reference's plus the mean squared error
+of the pooled feature vectors (scaled by their variance), so the int8 model keeps the reference's
+probabilities and the features the input guard and CAM read. Only train-split images are used;
+the head stays frozen (CAM reads its fp32 weights from model.onnx) and BatchNorm statistics stay
+frozen (eval mode). The result is exported as a Q/DQ ONNX (inputs/outputs as model.onnx) and
+scored by int8_study's statistics on the split's val+test images, next to the shipped file.
+
+    python -m cxr_edge.export.qat PACKAGE --split RUN/split.json --out DIR [--epochs 2] [--lr 1e-5]
+        [--tensors CACHE.npz] [--limit N]
+
+Writes DIR/qat.int8.onnx, DIR/qat.json (scores, settings, per-epoch loss) and DIR/qat.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from cxr_edge.package import ModelPackage
+
+from . import int8_study
+
+
+def _batches(n: int, batch: int, rng: np.random.Generator):
+    order = rng.permutation(n)
+    for i in range(0, n - batch + 1, batch):
+        yield order[i:i + batch]
+
+
+def teacher_outputs(net, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, K), pooled features (N, C)) of the fp32 reference, float32."""
+    import torch
+    logits, feats = [], []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            lg, f = net.forward_with_features(torch.from_numpy(x[i:i + batch]))
+            logits.append(lg.float().numpy())
+            feats.append(f.float().mean((2, 3)).numpy())
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+def quantize_for_training(net, calib: np.ndarray):
+    """NNCF fake-quantized copy of `net` (preset mixed; stem convolution and head in float)."""
+    import nncf
+    import torch
+    from cxr_edge.architectures import WithFeatures
+    wrapper = WithFeatures(copy.deepcopy(net)).eval()
+    ds = nncf.Dataset([torch.from_numpy(calib[i:i + 1]) for i in range(len(calib))])
+    ignored = nncf.IgnoredScope(names=float_nodes(wrapper, torch.from_numpy(calib[:1])))
+    return nncf.quantize(wrapper, ds, preset=nncf.QuantizationPreset.MIXED, subset_size=len(calib),
+                         fast_bias_correction=True, ignored_scope=ignored)
+
+
+def float_nodes(wrapper, example) -> list[str]:
+    """NNCF node names of the stem convolution (the first conv2d) and every linear layer: the
+    torch counterpart of quantize.sensitive_layers (the shipped recipe's ignored scope)."""
+    from nncf.torch.function_hook import wrap_model
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+    graph = build_nncf_graph(wrap_model(copy.deepcopy(wrapper)), example)
+    ops = [n for n in graph.topological_sort() if n.node_type in ("conv2d", "linear")]
+    convs = [n.node_name for n in ops if n.node_type == "conv2d"]
+    return convs[:1] + [n.node_name for n in ops if n.node_type == "linear"]
+
+
+def fine_tune(qnet, x: np.ndarray, t_logits: np.ndarray, t_feats: np.ndarray, epochs: int, lr: float,
+              batch: int = 16, feature_weight: float = 1.0, seed: int = 0, log=print) -> list[dict]:
+    """Distil the reference into the fake-quantized network in place; returns per-epoch mean losses."""
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    for n, p in qnet.named_parameters():
+        if p.is_floating_point():   # NNCF also registers integer parameters (quantizer state)
+            p.requires_grad_(".head." not in f".{n}")     # CAM reads the fp32 head: keep it identical
+    params = [p for p in qnet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = epochs * (len(x) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    fvar = torch.from_numpy(t_feats.var(0) + 1e-6)
+    qnet.eval()   # BatchNorm statistics frozen; fake quantizers still pass gradients
+    history = []
+    for ep in range(epochs):
+        t0, tot_kl, tot_f, n = time.time(), 0.0, 0.0, 0
+        for idx in _batches(len(x), batch, rng):
+            xb = torch.from_numpy(x[idx])
+            logits, fmap = qnet(xb)
+            kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(torch.from_numpy(t_logits[idx]), 1),
+                          reduction="batchmean", log_target=True)
+            fl = (((fmap.mean((2, 3)) - torch.from_numpy(t_feats[idx])) ** 2) / fvar).mean()
+            loss = kl + feature_weight * fl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_kl += float(kl.detach()) * len(idx)
+            tot_f += float(fl.detach()) * len(idx)
+            n += len(idx)
+        history.append({"epoch": ep + 1, "kl": tot_kl / n, "feature_mse": tot_f / n, "seconds": round(time.time() - t0, 1)})
+        log(f"epoch {ep + 1}: KL {tot_kl / n:.5f}, feature MSE {tot_f / n:.4f}, {time.time() - t0:.0f} s")
+    return history
+
+
+def export_qdq(qnet, input_shape: tuple, path: Path) -> Path:
+    """The fine-tuned fake-quantized network as a Q/DQ ONNX with model.onnx's input/outputs."""
+    import onnx
+    import torch
+    from .onnx_export import OPSET
+    # NNCF's quantizer modules trace as QuantizeLinear/DequantizeLinear pairs in this export mode
+    # (nncf.strip is not needed, and its torch path imports torchao)
+    _set_qdq_export(qnet)
+    x = torch.zeros((1,) + tuple(input_shape), dtype=torch.float32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(qnet.eval(), (x,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits", "features"],
+                          dynamic_axes={n: {0: "batch"} for n in ("input", "logits", "features")})
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    m.producer_version = ""
+    onnx.save(m, str(path))
+    return path
+
+
+def _set_qdq_export(model) -> None:
+    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
+    for mod in model.modules():
+        if isinstance(mod, BaseQuantizer):
+            mod.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+
+
+def main(argv=None) -> int:
+    """CLI entry point; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="python -m cxr_edge.export.qat", description=__doc__.split("\n\n")[0])
+    ap.add_argument("package")
+    ap.add_argument("--split", required=True, help="RUN/split.json of the package's training run")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tensors", help="cached tensors from int8_study (default OUT/tensors.npz)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--calib", type=int, default=300, help="calibration images for the initial ranges")
+    ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--limit", type=int, help="fine-tune on N train images, picked balanced by source (default: all)")
+    a = ap.parse_args(argv)
+    from cxr_edge.backends.torch_backend import reference_network
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pkg = ModelPackage.read(a.package)
+    data = int8_study._load(pkg, a.split, Path(a.tensors) if a.tensors else out / "tensors.npz")
+    keep = (int8_study._pick(data["train_src"], a.limit, by_source=True) if a.limit
+            else np.arange(len(data["train_x"])))
+    x, src = data["train_x"][keep], data["train_src"][keep]
+    net = reference_network(pkg).eval()
+    t0 = time.time()
+    t_logits, t_feats = teacher_outputs(net, x)
+    cal = int8_study._pick(src, min(a.calib, len(x)), by_source=True)
+    qnet = quantize_for_training(net, x[cal])
+    print(f"reference outputs and NNCF ranges: {time.time() - t0:.0f} s")
+    history = fine_tune(qnet, x, t_logits, t_feats, a.epochs, a.lr, a.batch, a.feature_weight)
+    path = export_qdq(qnet, tuple(x.shape[1:]), out / "qat.int8.onnx")
+    ref = int8_study._reference(pkg, data["eval_x"])
+    results = {}
+    shipped = Path(a.package) / "model.int8.onnx"
+    for name, p in (("shipped", shipped), ("qat", path)):
+        results[name] = int8_study.score(ref, int8_study._probs(int8_study._compile(p), data["eval_x"]), data["eval_src"])
+        results[name].update(quantize_seconds=None, variant={"calib_size": a.calib, "by_source": False})
+    settings = {"method": "nncf.quantize (torch) + distillation fine-tuning (KL to torch fp32 + pooled-feature MSE)",
+                "preset": "mixed", "ignored": "stem convolution, head", "epochs": a.epochs, "lr": a.lr,
+                "batch": a.batch, "train_images": int(len(x)), "calibration_images": int(len(cal)), "picked": "by source",
+                "feature_weight": a.feature_weight, "frozen": "head, BatchNorm statistics"}
+    results["qat"]["extra"] = settings
+    latency = int8_study.interleaved_latency({"shipped": shipped, "qat": path}, data["eval_x"][:1])
+    for k in results:
+        results[k]["latency_b1_ms"] = latency[k]
+    (out / "qat.json").write_text(json.dumps({"settings": settings, "history": history, "results": results}, indent=1))
+    md = int8_study.markdown(results, latency)
+    (out / "qat.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
