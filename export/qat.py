@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
+import os
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +32,10 @@ import numpy as np
 from cxr_edge.package import ModelPackage
 
 from . import int8_study
+
+# NNCF for torch compiles a C++ extension on first use and gives up after 60 s by default: on a
+# 2-core machine the build takes minutes. A user's own setting wins.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator):
@@ -56,6 +60,7 @@ def quantize_for_training(net, calib: np.ndarray):
     """NNCF fake-quantized copy of `net` (preset mixed; stem convolution and head in float)."""
     import nncf
     import torch
+
     from cxr_edge.architectures import WithFeatures
     wrapper = WithFeatures(copy.deepcopy(net)).eval()
     ds = nncf.Dataset([torch.from_numpy(calib[i:i + 1]) for i in range(len(calib))])
@@ -117,6 +122,7 @@ def export_qdq(qnet, input_shape: tuple, path: Path) -> Path:
     """The fine-tuned fake-quantized network as a Q/DQ ONNX with model.onnx's input/outputs."""
     import onnx
     import torch
+
     from .onnx_export import OPSET
     # NNCF's quantizer modules trace as QuantizeLinear/DequantizeLinear pairs in this export mode
     # (nncf.strip is not needed, and its torch path imports torchao)
@@ -141,6 +147,79 @@ def _set_qdq_export(model) -> None:
             mod.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
 
 
+def compact_weights(path: Path) -> Path:
+    """Fold every weight QuantizeLinear (float initializer -> Q -> DQ) into an integer initializer
+    feeding its DQ: the same values (ONNX QuantizeLinear: saturate(round half to even(w / scale) +
+    zero_point), per axis), a quarter of the bytes. The torch exporter writes the weights in float."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    drop, uses = set(), {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for n in list(g.node):
+        if n.op_type != "QuantizeLinear" or n.input[0] not in inits or len(n.input) < 3 or n.input[2] not in consts:
+            continue
+        w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
+        scale, zp = consts[n.input[1]].astype(np.float32), consts[n.input[2]]
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim == 1 and scale.size > 1:
+            shape[axis] = -1
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape).astype(np.float32), info.min, info.max).astype(zp.dtype)
+        qname = n.input[0] + "_quantized"
+        g.initializer.append(numpy_helper.from_array(q, qname))
+        for d in g.node:
+            d.input[:] = [qname if i == n.output[0] else i for i in d.input]
+        g.node.remove(n)
+        if uses.get(n.input[0], 0) == 1:
+            drop.add(n.input[0])
+    keep = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+def install(package, int8_file: Path, split: str, extra: dict, log=print) -> list:
+    """Replace `package`'s INT8 artifact with `int8_file`: gated on the split's val+test images
+    against the torch fp32 reference on every backend runnable here (export.pipeline.gate_artifact),
+    `extra` recorded, model.json and the model card rewritten. Returns the gate rows; raises
+    RuntimeError (package unchanged) when no measured combination passes."""
+    import shutil
+
+    from cxr_edge.backends.torch_backend import reference_network
+    from cxr_edge.labelled import load_images, resolve_set
+    from cxr_edge.package import Artifact
+
+    from .model_card import render
+    from .pipeline import gate_artifact, torch_probs
+    pkg = ModelPackage.read(package)
+    fp32, old = pkg.artifact("fp32"), pkg.artifact("int8")
+    data = load_images(resolve_set(f"{split}:val+test", "test"), pkg.preprocess, pkg.classes)
+    ref = torch_probs(reference_network(pkg).eval(), data.tensors)
+    name = old.file if old else "model.int8.onnx"
+    tmp = pkg.root / (name + ".new")
+    shutil.copyfile(int8_file, tmp)
+    os.replace(tmp, pkg.root / name)     # a new inode: never writes through a hard link into a copy
+    art = pkg.add_artifact(Artifact(file=name, format="onnx-qdq", precision="int8", outputs=fp32.outputs, extra=extra))
+    rows = gate_artifact(pkg, art, ref, data, log)
+    if not any(g.passed for _, _, g in rows):
+        raise RuntimeError(f"{int8_file}: no backend passed the int8 gate; restore {name} from git")
+    pkg.write()
+    card = pkg.provenance.get("model_card")
+    if card:
+        (pkg.root / "MODEL_CARD.md").write_text(render(pkg, card))
+    return rows
+
+
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m cxr_edge.export.qat", description=__doc__.split("\n\n")[0])
@@ -153,9 +232,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=300, help="calibration images for the initial ranges")
     ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--install", metavar="SCORED_DIR",
+                    help="do not train: put SCORED_DIR/qat.int8.onnx (weights folded to int8) into PACKAGE as its "
+                    "INT8 artifact, gated on the split's val+test images, and rewrite the model card")
     ap.add_argument("--limit", type=int, help="fine-tune on N train images, picked balanced by source (default: all)")
     a = ap.parse_args(argv)
     from cxr_edge.backends.torch_backend import reference_network
+    if a.install:
+        return _install_scored(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pkg = ModelPackage.read(a.package)
@@ -170,16 +254,17 @@ def main(argv=None) -> int:
     qnet = quantize_for_training(net, x[cal])
     print(f"reference outputs and NNCF ranges: {time.time() - t0:.0f} s")
     history = fine_tune(qnet, x, t_logits, t_feats, a.epochs, a.lr, a.batch, a.feature_weight)
-    path = export_qdq(qnet, tuple(x.shape[1:]), out / "qat.int8.onnx")
+    path = compact_weights(export_qdq(qnet, tuple(x.shape[1:]), out / "qat.int8.onnx"))
     ref = int8_study._reference(pkg, data["eval_x"])
     results = {}
     shipped = Path(a.package) / "model.int8.onnx"
-    for name, p in (("shipped", shipped), ("qat", path)):
+    shipped_calib = (getattr(pkg.artifact("int8"), "extra", None) or {}).get("calibration_images", "?")
+    for name, p, calib in (("shipped", shipped, shipped_calib), ("qat", path, a.calib)):
         results[name] = int8_study.score(ref, int8_study._probs(int8_study._compile(p), data["eval_x"]), data["eval_src"])
-        results[name].update(quantize_seconds=None, variant={"calib_size": a.calib, "by_source": False})
+        results[name].update(quantize_seconds=None, variant={"calib_size": calib, "by_source": name == "qat"})
     settings = {"method": "nncf.quantize (torch) + distillation fine-tuning (KL to torch fp32 + pooled-feature MSE)",
                 "preset": "mixed", "ignored": "stem convolution, head", "epochs": a.epochs, "lr": a.lr,
-                "batch": a.batch, "train_images": int(len(x)), "calibration_images": int(len(cal)), "picked": "by source",
+                "batch": a.batch, "train_images": len(x), "calibration_images": len(cal), "picked": "by source",
                 "feature_weight": a.feature_weight, "frozen": "head, BatchNorm statistics"}
     results["qat"]["extra"] = settings
     latency = int8_study.interleaved_latency({"shipped": shipped, "qat": path}, data["eval_x"][:1])
@@ -189,6 +274,25 @@ def main(argv=None) -> int:
     md = int8_study.markdown(results, latency)
     (out / "qat.md").write_text(md)
     print(md)
+    return 0
+
+
+def _install_scored(a) -> int:
+    src = Path(a.install)
+    study = json.loads((src / "qat.json").read_text())
+    path = compact_weights(src / "qat.int8.onnx")    # a no-op on a file already compacted
+    pkg = ModelPackage.read(a.package)
+    old = pkg.artifact("int8")
+    tried = list((old.extra or {}).get("variants_tried", [])) if old else []
+    for k, r in study["results"].items():
+        if k == "qat":
+            tried.append({"variant": f"QAT by distillation ({study['settings']['train_images']} train images, "
+                                     f"{study['settings']['epochs']} epochs, lr {study['settings']['lr']}) (shipped)",
+                          **{f: r[f] for f in ("n", "agreement", "lower_bound", "max_abs_dp", "p99_abs_dp",
+                                               "uncertain", "flips_not_uncertain")}})
+    extra = {**study["settings"], "variants_tried": tried}
+    for row in install(a.package, path, a.split, extra):
+        print(row[0], "pass" if row[2].passed else "FAIL")
     return 0
 
 

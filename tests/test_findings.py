@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("scipy")
-from cxr_edge.train import findings  # noqa: E402
-from cxr_edge.train.experiment import load_experiment  # noqa: E402
+from cxr_edge.train import findings
+from cxr_edge.train.experiment import load_experiment
 
 
 def _report(path, acc, f1, n=200):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "report.json").write_text(json.dumps({"test": {"n": n, "accuracy": acc, "macro": {"f1": f1}}}))
+    per_class = {"a": {"support": n // 4}, "b": {"support": n - n // 4}}
+    (path / "report.json").write_text(json.dumps({"test": {"n": n, "accuracy": acc, "macro": {"f1": f1},
+                                                           "per_class": per_class}}))
 
 
 def test_t_interval_matches_the_textbook_formula():
@@ -40,7 +42,12 @@ def test_summary_pairs_differences_by_seed(tmp_path):
     unpaired_half = [findings.t_interval(accs_a), findings.t_interval(accs_b)]
     assert paired < sum(h - lo for _, lo, h in unpaired_half)
     md = findings.markdown({"c": out}, "settings")
-    assert "| B | `exp_b` | 3 | 200 |" in md and "What this can test: testable" in md
+    assert "| B | `exp_b` | 3 | 200 | 75.0 |" in md and "What this can test: testable" in md
+
+
+def test_intervals_are_clipped_to_the_metric_range():
+    assert findings._pct_ci((0.9, 0.4, 1.1)) == "90.0 [40.0, 100.0]"
+    assert findings._pct_ci((-0.5, -1.3, 0.2), -1.0) == "-50.0 [-100.0, 20.0]"
 
 
 def test_a_missing_seed_is_left_out_of_the_pairing(tmp_path):

@@ -120,7 +120,10 @@ def run_all(args, comparisons, log=print) -> None:
 
 def _score(report: dict) -> dict:
     t = report["test"]
-    return {"accuracy": float(t["accuracy"]), "macro_f1": float(t["macro"]["f1"]), "n": int(t["n"])}
+    support = [int(v["support"]) for v in t.get("per_class", {}).values()]
+    return {"accuracy": float(t["accuracy"]), "macro_f1": float(t["macro"]["f1"]), "n": int(t["n"]),
+            # what always answering the largest test class scores: the floor a model must beat
+            "majority": max(support) / sum(support) if support else float("nan")}
 
 
 def t_interval(values) -> tuple[float, float, float]:
@@ -150,7 +153,8 @@ def summarise(out: Path, comparisons, seeds) -> dict:
         ref_label = c.arms[0][0]
         for label, exp in c.arms:
             row = {"arm": label, "experiment": exp, "seeds": sorted(scores[label]),
-                   "n_test": sorted({v["n"] for v in scores[label].values()})}
+                   "n_test": sorted({v["n"] for v in scores[label].values()}),
+                   "majority": float(np.mean([v["majority"] for v in scores[label].values()])) if scores[label] else None}
             for key, _ in METRICS:
                 vals = [scores[label][s][key] for s in sorted(scores[label])]
                 row[key] = {"values": vals, "mean_ci": t_interval(vals) if vals else None}
@@ -163,26 +167,30 @@ def summarise(out: Path, comparisons, seeds) -> dict:
     return result
 
 
-def _pct_ci(ci) -> str:
+def _pct_ci(ci, lo_limit: float = 0.0) -> str:
+    """mean [low, high] in percent; the interval is clipped to the metric's range (lo_limit..1),
+    which a t interval over 3 values can overshoot."""
     if ci is None:
         return "–"
     m, lo, hi = ci
     if np.isnan(lo):
         return f"{100 * m:.1f}"
-    return f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{100 * m:.1f} [{100 * max(lo, lo_limit):.1f}, {100 * min(hi, 1.0):.1f}]"
 
 
 def markdown(summary: dict, settings: str) -> str:
-    lines = [f"Settings: {settings}. Mean over seeds with a 95 % t interval; Δ is the paired "
-             "difference to the first arm of the comparison (same seed, same split), in points.", ""]
+    lines = [(f"Settings: {settings}. Mean over seeds with a 95 % t interval (clipped to the metric's range); Δ is "
+              "the paired difference to the first arm of the comparison (same seed, same split), in points; "
+              "majority: the accuracy of always answering the largest test class."), ""]
     for s in summary.values():
         lines += [f"**{s['title']}**", "", f"Published: {s['claim']}", "",
-                  "| arm | experiment | seeds | test n | accuracy % | Δ accuracy | macro F1 % | Δ macro F1 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| arm | experiment | seeds | test n | majority % | accuracy % | Δ accuracy | macro F1 % | Δ macro F1 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for a in s["arms"]:
+            majority = "–" if a["majority"] is None else f"{100 * a['majority']:.1f}"
             lines.append(f"| {a['arm']} | `{a['experiment']}` | {len(a['seeds'])} | {'/'.join(map(str, a['n_test'])) or '–'} | "
-                         f"{_pct_ci(a['accuracy']['mean_ci'])} | {_pct_ci(a['accuracy'].get('diff_ci'))} | "
-                         f"{_pct_ci(a['macro_f1']['mean_ci'])} | {_pct_ci(a['macro_f1'].get('diff_ci'))} |")
+                         f"{majority} | {_pct_ci(a['accuracy']['mean_ci'])} | {_pct_ci(a['accuracy'].get('diff_ci'), -1.0)} | "
+                         f"{_pct_ci(a['macro_f1']['mean_ci'])} | {_pct_ci(a['macro_f1'].get('diff_ci'), -1.0)} |")
         lines += ["", f"What this can test: {s['testable']}", ""]
     return "\n".join(lines)
 
