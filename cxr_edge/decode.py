@@ -42,11 +42,14 @@ class Decoded:
         source: the path, or a description of the in-memory input.
         original_size: (width, height) as displayed (EXIF orientation applied), before any draft downscale.
         meta: what the decoder found, e.g. "format", "mode", "bits", and "warnings" (list of str).
+        finite: True when the decoder proved every pixel finite (a lookup through a table checked
+            to be finite); decode() then skips its per-pixel NaN/infinity scan.
     """
     pixels: np.ndarray                 # float32, H x W, 0..1, 1 = bright (bone), MONOCHROME2 sense
     source: str                        # path, or a description of the in-memory input
     original_size: tuple               # (width, height) as displayed (EXIF orientation applied), before any draft downscale
     meta: dict = field(default_factory=dict)
+    finite: bool = field(default=False, repr=False, compare=False)
 
 
 def _is_dicom(head: bytes) -> bool:
@@ -97,7 +100,8 @@ def decode(item, min_side: int | None = None, bits_stored: int | None = None) ->
     with _collect_warnings() as caught, np.errstate(all="call", call=_numpy_warning):
         try:
             d = _decode_any(item, min_side, bits_stored)
-            _check_finite(d.pixels, name)
+            if not d.finite:
+                _check_finite(d.pixels, name)
         except DecodeError:
             raise
         except MemoryError:
@@ -424,6 +428,7 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
     img.load()
     mode = img.mode
     meta = {"format": fmt, "mode": mode}
+    finite = False
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(img)
         if a.dtype != np.uint16 and mode != "I":
@@ -434,6 +439,7 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
         if a.dtype == np.uint16:   # one table lookup, the same float32 values as the division below
             from .dicom_lut import u16_to_unit
             gray = u16_to_unit(a)
+            finite = True          # a constant, finite table
         else:
             gray = (a.astype(np.float32) / np.float32(65535.0)).clip(0, 1)
     elif mode == "F":
@@ -450,7 +456,7 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
     else:
         # palette, RGBA, CMYK, YCbCr ...: via RGB (alpha dropped: radiographs carry no transparency)
         gray = _rgb8_to_gray(np.asarray(img.convert("RGB")))
-    return Decoded(np.ascontiguousarray(gray, dtype=np.float32), name, original, meta)
+    return Decoded(np.ascontiguousarray(gray, dtype=np.float32), name, original, meta, finite=finite)
 
 
 # -- DICOM ------------------------------------------------------------------------------------------
@@ -730,4 +736,4 @@ def _decode_dicom(fp, name: str) -> Decoded:
         raise DecodeError(str(e)) from None
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise DecodeError(f"{name}: malformed grayscale transform in the DICOM header ({type(e).__name__}: {e})") from None
-    return Decoded(np.ascontiguousarray(gray), name, (gray.shape[1], gray.shape[0]), meta)
+    return Decoded(np.ascontiguousarray(gray), name, (gray.shape[1], gray.shape[0]), meta, finite=True)

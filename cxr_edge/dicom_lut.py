@@ -230,6 +230,7 @@ def stored_to_gray(stored: np.ndarray, ds, bits: int, photometric: str, name: st
                    native_raw: bool = False) -> np.ndarray:
     """Stored pixel values (H x W integers, or floats) -> float32 H x W in 0..1, 1 = bright.
 
+    The result is finite (ValueError otherwise: e.g. a NaN window centre).
     Integer pixels of <= 16 bits go through one composed table indexed by the stored bit pattern;
     wider integers through a table over their own min..max when that span is <= 2^20 values;
     anything else (float pixel data, huge spans) through the same transform per pixel.
@@ -248,17 +249,26 @@ def stored_to_gray(stored: np.ndarray, ds, bits: int, photometric: str, name: st
             return m if m <= mask else int(domain[np.unique(stored)].max())
 
         t = GrayTransform(ds, domain.dtype, largest, bits, photometric, name, meta)
-        return take_lut(t(domain).astype(np.float32), stored)
+        return take_lut(_finite(t(domain).astype(np.float32)), stored)
     t = GrayTransform(ds, stored.dtype, lambda: _stored_max(stored), bits, photometric, name, meta)
     if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
         udt = np.dtype(f"u{stored.dtype.itemsize}")
         domain = np.arange(1 << (8 * stored.dtype.itemsize), dtype=udt).view(stored.dtype)
-        lut = t(domain).astype(np.float32)
+        lut = _finite(t(domain).astype(np.float32))
         return take_lut(lut, stored.view(udt.newbyteorder(stored.dtype.byteorder)) if stored.dtype.byteorder not in "=|"
                         else stored.view(udt))
     if stored.dtype.kind in "ui" and stored.size:
         lo, hi = int(stored.min()), int(stored.max())
         if hi - lo < (1 << 20):
-            lut = t(np.arange(lo, hi + 1, dtype=np.int64).astype(stored.dtype)).astype(np.float32)
+            lut = _finite(t(np.arange(lo, hi + 1, dtype=np.int64).astype(stored.dtype)).astype(np.float32))
             return take_lut(lut, (stored.astype(np.int64) - lo))
-    return t(stored).astype(np.float32)
+    return _finite(t(stored).astype(np.float32))
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """values, when all are finite; else ValueError. Checking the table (<= 65 536 entries) instead of
+    the image it maps to makes every output finite by construction: decode() need not scan the
+    full-resolution result again (Decoded.finite)."""
+    if not np.isfinite(values).all():
+        raise ValueError("the grayscale transform maps stored values to NaN or infinity")
+    return values

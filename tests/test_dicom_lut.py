@@ -305,3 +305,23 @@ def test_compressed_or_colour_data_sets_are_not_viewed():
     ds, _ = CASES["u8-plain"]()
     ds.PixelData = ds.PixelData[:-3]                               # truncated: pydicom's error message
     assert native_stored(ds) is None
+
+
+
+def test_a_nan_window_centre_is_refused_by_its_table(tmp_path):
+    """The table is checked instead of the image it maps to: a header that maps stored values to NaN
+    or infinity is refused naming the file (decode() skips its full-resolution scan for table outputs)."""
+    ds, _ = CASES["u12-window-linear"]()
+    ds.WindowCenter = "nan"
+    p = tmp_path / "nan.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    with pytest.raises(DecodeError, match=r"nan\.dcm: .*NaN or infinity"):
+        decode(p)
+
+
+def test_table_outputs_are_marked_finite(tmp_path):
+    ds, _ = CASES["u12-rescale-mono1"]()
+    p = tmp_path / "a.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    assert decode(p).finite
+    assert not decode(np.full((4, 4), 0.5, np.float32)).finite     # a float array is scanned
