@@ -39,6 +39,8 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator):
+    if n < batch:
+        raise ValueError(f"{n} training images are fewer than one batch of {batch}")
     order = rng.permutation(n)
     for i in range(0, n - batch + 1, batch):
         yield order[i:i + batch]
@@ -163,7 +165,8 @@ def compact_weights(path: Path) -> Path:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     for n in list(g.node):
-        if n.op_type != "QuantizeLinear" or n.input[0] not in inits or len(n.input) < 3 or n.input[2] not in consts:
+        if (n.op_type != "QuantizeLinear" or n.input[0] not in inits or len(n.input) < 3
+                or n.input[1] not in consts or n.input[2] not in consts):
             continue
         w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
         scale, zp = consts[n.input[1]].astype(np.float32), consts[n.input[2]]
@@ -191,8 +194,9 @@ def compact_weights(path: Path) -> Path:
 def install(package, int8_file: Path, split: str, extra: dict, log=print) -> list:
     """Replace `package`'s INT8 artifact with `int8_file`: gated on the split's val+test images
     against the torch fp32 reference on every backend runnable here (export.pipeline.gate_artifact),
-    `extra` recorded, model.json and the model card rewritten. Returns the gate rows; raises
-    RuntimeError (package unchanged) when no measured combination passes."""
+    `extra` recorded, model.json and the model card rewritten. The candidate is gated under a
+    temporary name and moved over the old file only after a pass. Returns the gate rows; raises
+    RuntimeError, with the package unchanged, when no measured combination passes."""
     import shutil
 
     from cxr_edge.backends.torch_backend import reference_network
@@ -206,13 +210,20 @@ def install(package, int8_file: Path, split: str, extra: dict, log=print) -> lis
     data = load_images(resolve_set(f"{split}:val+test", "test"), pkg.preprocess, pkg.classes)
     ref = torch_probs(reference_network(pkg).eval(), data.tensors)
     name = old.file if old else "model.int8.onnx"
-    tmp = pkg.root / (name + ".new")
-    shutil.copyfile(int8_file, tmp)
-    os.replace(tmp, pkg.root / name)     # a new inode: never writes through a hard link into a copy
-    art = pkg.add_artifact(Artifact(file=name, format="onnx-qdq", precision="int8", outputs=fp32.outputs, extra=extra))
-    rows = gate_artifact(pkg, art, ref, data, log)
-    if not any(g.passed for _, _, g in rows):
-        raise RuntimeError(f"{int8_file}: no backend passed the int8 gate; restore {name} from git")
+    candidate = pkg.root / ("candidate." + name)
+    shutil.copyfile(int8_file, candidate)
+    try:
+        art = Artifact(file=candidate.name, format="onnx-qdq", precision="int8", outputs=fp32.outputs, extra=extra)
+        pkg.add_artifact(art)
+        rows = gate_artifact(pkg, art, ref, data, log)
+        if not any(g.passed for _, _, g in rows):
+            raise RuntimeError(f"{int8_file}: no backend passed the int8 gate; {package} is unchanged")
+        os.replace(candidate, pkg.root / name)   # a new inode: never writes through a hard link into a copy
+    finally:
+        candidate.unlink(missing_ok=True)
+    pkg.artifacts = [a for a in pkg.artifacts if a.file not in (name, candidate.name)]
+    art.file = name
+    pkg.add_artifact(art)                         # re-stamps size and sha256 under the real name
     pkg.write()
     card = pkg.provenance.get("model_card")
     if card:
@@ -257,9 +268,12 @@ def main(argv=None) -> int:
     path = compact_weights(export_qdq(qnet, tuple(x.shape[1:]), out / "qat.int8.onnx"))
     ref = int8_study._reference(pkg, data["eval_x"])
     results = {}
-    shipped = Path(a.package) / "model.int8.onnx"
+    shipped_art = pkg.artifact("int8")
+    shipped = Path(a.package) / shipped_art.file if shipped_art else None
     shipped_calib = (getattr(pkg.artifact("int8"), "extra", None) or {}).get("calibration_images", "?")
     for name, p, calib in (("shipped", shipped, shipped_calib), ("qat", path, a.calib)):
+        if p is None:
+            continue
         results[name] = int8_study.score(ref, int8_study._probs(int8_study._compile(p), data["eval_x"]), data["eval_src"])
         results[name].update(quantize_seconds=None, variant={"calib_size": calib, "by_source": name == "qat"})
     settings = {"method": "nncf.quantize (torch) + distillation fine-tuning (KL to torch fp32 + pooled-feature MSE)",
@@ -267,7 +281,8 @@ def main(argv=None) -> int:
                 "batch": a.batch, "train_images": len(x), "calibration_images": len(cal), "picked": "by source",
                 "feature_weight": a.feature_weight, "frozen": "head, BatchNorm statistics"}
     results["qat"]["extra"] = settings
-    latency = int8_study.interleaved_latency({"shipped": shipped, "qat": path}, data["eval_x"][:1])
+    latency = int8_study.interleaved_latency({k: p for k, p in (("shipped", shipped), ("qat", path)) if p},
+                                             data["eval_x"][:1])
     for k in results:
         results[k]["latency_b1_ms"] = latency[k]
     (out / "qat.json").write_text(json.dumps({"settings": settings, "history": history, "results": results}, indent=1))
@@ -283,7 +298,8 @@ def _install_scored(a) -> int:
     path = compact_weights(src / "qat.int8.onnx")    # a no-op on a file already compacted
     pkg = ModelPackage.read(a.package)
     old = pkg.artifact("int8")
-    tried = list((old.extra or {}).get("variants_tried", [])) if old else []
+    tried = [{**v, "variant": v["variant"].replace("(shipped)", "(shipped before QAT)")}
+             for v in ((old.extra or {}).get("variants_tried", []) if old else [])]
     for k, r in study["results"].items():
         if k == "qat":
             tried.append({"variant": f"QAT by distillation ({study['settings']['train_images']} train images, "

@@ -53,6 +53,7 @@ def test_compact_weights_keeps_every_value_and_stores_integers(tmp_path):
     assert np.array_equal(_run(p, x), before)
 
 
+@pytest.mark.slow   # the first NNCF-for-torch use on a machine compiles its C++ extension (minutes)
 def test_qat_fine_tunes_and_exports_what_it_trained(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("nncf")
@@ -86,3 +87,45 @@ def test_qat_fine_tunes_and_exports_what_it_trained(tmp_path):
     got = _run(path, x[:4])
     # ONNX Runtime's Q/DQ and NNCF's fake quantization agree up to rounding at bin edges
     assert np.abs(got - want).max() < 0.05 * (np.abs(want).max() + 1)
+
+
+def _package_copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)        # real copies: nothing written below reaches the session fixture
+    return dst
+
+
+def _split(tmp_path, images):
+    import json
+    # The int8 gate decides on a 95 % lower bound of agreement, which needs ~75 agreeing images to
+    # pass: the 16 samples are repeated 6 times (this test is about install's mechanics).
+    rows = [{"path": str(p), "label": "normal", "source": "samples", "patient": p.stem} for p in images] * 6
+    p = tmp_path / "split.json"
+    p.write_text(json.dumps({"train": [], "val": rows[:48], "test": rows[48:]}))
+    return str(p)
+
+
+def test_install_gates_a_candidate_and_leaves_the_package_unchanged_on_failure(tmp_path, tiny_package):
+    from conftest import sample_images
+    from cxr_edge.export import qat
+    from cxr_edge.package import ModelPackage
+    pkg_dir = _package_copy(tiny_package, tmp_path / "p.cxrpkg")
+    split = _split(tmp_path, sample_images())
+    before = {f.name: f.read_bytes() for f in pkg_dir.iterdir()}
+    # a candidate that cannot agree with the reference: the classifier's sign flipped
+    m = onnx.load(str(pkg_dir / ModelPackage.read(pkg_dir).artifact("int8").file))
+    for t in m.graph.initializer:
+        if "head." in t.name and t.name.endswith(".weight") and t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(RuntimeError, match="unchanged"):
+        qat.install(pkg_dir, bad, split, {"method": "test"}, log=lambda *_: None)
+    assert {f.name: f.read_bytes() for f in pkg_dir.iterdir()} == before
+    # a candidate that agrees (the fp32 graph itself) is gated, moved in place and checksummed
+    rows = qat.install(pkg_dir, pkg_dir / "model.onnx", split, {"method": "test"}, log=lambda *_: None)
+    assert rows and any(g.passed for _, _, g in rows)
+    pkg = ModelPackage.read(pkg_dir)        # verifies every listed file's sha256 and size
+    art = pkg.artifact("int8")
+    assert art.extra == {"method": "test"} and not any(f.name.startswith("candidate.") for f in pkg_dir.iterdir())
+    assert (pkg_dir / art.file).read_bytes() == (pkg_dir / "model.onnx").read_bytes()

@@ -14,6 +14,9 @@ exists is not run again.
 
     python -m cxr_edge.train.findings --data ../shared/data/cxr --out runs/findings
         [--size 64] [--limit 800] [--epochs 6] [--seeds 0 1 2] [--parallel 2] [--only sun_loss ...]
+
+Runs live under OUT/runs/<size>px_<limit>img_<epochs>ep/EXPERIMENT/seedS: a table only ever
+combines runs made with the same settings. OVERRIDES lists what a run changes in an experiment file.
 """
 from __future__ import annotations
 
@@ -38,6 +41,12 @@ class Comparison:
     testable: str                       # what a reduced-size run can and cannot say about the claim
 
 
+# Changes to an experiment file for the reduced run, and why. yang_alexnet fine-tunes only the last
+# quarter of AlexNet (the paper's ImageNet transfer): from random initialisation that would leave
+# four of its five convolutions frozen at random weights, so every layer trains here.
+OVERRIDES = {"yang_alexnet": {"phases": [{"name": "train", "epochs": 20, "trainable": "all"}]}}
+
+
 COMPARISONS = (
     Comparison(
         "sun_loss", "Sun et al.: loss function (DenseNet121, 3 channels, 4 classes)",
@@ -59,9 +68,9 @@ COMPARISONS = (
         "yang_logreg_cnn", "Yang et al.: logistic regression vs a CNN (4 classes)",
         "logistic regression 62.24 %, AlexNet 93.86 % (ImageNet init): a CNN beats a linear model "
         "on pixels by ~30 points.",
-        (("logistic regression", "yang_logreg"), ("AlexNet", "yang_alexnet")),
+        (("logistic regression", "yang_logreg"), ("AlexNet (all layers trained)", "yang_alexnet")),
         "Testable in direction and rough size: both arms run from random init here (AlexNet's "
-        "published number used ImageNet weights)."),
+        "published number used ImageNet weights, and fine-tuned only its last layers)."),
     Comparison(
         "elazhari_scratch", "El Azhari: separable-convolution CNN vs DenseNet121, both from scratch (COVID vs non-COVID)",
         "a small depthwise-separable CNN trained from scratch is competitive with large models "
@@ -74,14 +83,32 @@ COMPARISONS = (
 METRICS = (("accuracy", "test accuracy"), ("macro_f1", "macro F1"))
 
 
-def run_dir(out: Path, experiment: str, seed: int) -> Path:
-    return out / "runs" / experiment / f"seed{seed}"
+def settings_tag(size: int, limit: int, epochs: int) -> str:
+    """The reduced settings as a folder name: runs made with other settings are never mixed in."""
+    return f"{size}px_{limit}img_{epochs}ep"
 
 
-def _command(experiment: str, seed: int, out: Path, data: str, size: int, limit: int, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "cxr_edge.cli", "train", experiment, "--data", data,
-            "--out", str(run_dir(out, experiment, seed)), "--seed", str(seed), "--image-size", str(size),
-            "--limit", str(limit), "--epochs", str(epochs), "--init", "random"]
+def run_dir(out: Path, experiment: str, seed: int, tag: str) -> Path:
+    return out / "runs" / tag / experiment / f"seed{seed}"
+
+
+def experiment_file(out: Path, experiment: str) -> str:
+    """The experiment as the runs use it: its name, or a copy with OVERRIDES applied under out/configs."""
+    if experiment not in OVERRIDES:
+        return experiment
+    from .experiment import load_experiment
+    cfg = {**load_experiment(experiment), **OVERRIDES[experiment]}
+    path = out / "configs" / f"{experiment}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=1))
+    return str(path)
+
+
+def _command(experiment: str, seed: int, out: Path, args) -> list[str]:
+    tag = settings_tag(args.size, args.limit, args.epochs)
+    return [sys.executable, "-m", "cxr_edge.cli", "train", experiment_file(out, experiment), "--data", args.data,
+            "--out", str(run_dir(out, experiment, seed, tag)), "--seed", str(seed), "--image-size", str(args.size),
+            "--limit", str(args.limit), "--epochs", str(args.epochs), "--init", "random"]
 
 
 def planned(comparisons, seeds) -> list[tuple[str, int]]:
@@ -95,19 +122,22 @@ def planned(comparisons, seeds) -> list[tuple[str, int]]:
     return seen
 
 
-def run_all(args, comparisons, log=print) -> None:
+def run_all(args, comparisons, log=print) -> int:
+    """Train every (arm, seed) without a report yet; returns the number of runs that failed."""
     out = Path(args.out)
+    tag = settings_tag(args.size, args.limit, args.epochs)
     todo = [(e, s) for e, s in planned(comparisons, args.seeds)
-            if not (run_dir(out, e, s) / "report.json").exists()]
+            if not (run_dir(out, e, s, tag) / "report.json").exists()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     running: list[tuple[subprocess.Popen, str, int, float]] = []
+    failed = 0
     t0 = time.time()
     while todo or running:
         while todo and len(running) < args.parallel:
             exp, seed = todo.pop(0)
-            d = run_dir(out, exp, seed)
+            d = run_dir(out, exp, seed, tag)
             d.mkdir(parents=True, exist_ok=True)
-            cmd = _command(exp, seed, out, args.data, args.size, args.limit, args.epochs)
+            cmd = _command(exp, seed, out, args)
             with open(d.parent / f"seed{seed}.log", "w") as logf:
                 running.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), exp, seed, time.time()))
         time.sleep(2)
@@ -115,7 +145,9 @@ def run_all(args, comparisons, log=print) -> None:
             proc, exp, seed, started = item
             if proc.poll() is not None:
                 running.remove(item)
+                failed += proc.returncode != 0
                 log(f"[{time.time() - t0:6.0f}s] {exp} seed {seed}: exit {proc.returncode} after {time.time() - started:.0f}s")
+    return failed
 
 
 def _score(report: dict) -> dict:
@@ -137,15 +169,16 @@ def t_interval(values) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def summarise(out: Path, comparisons, seeds) -> dict:
-    """Every comparison's per-arm scores and paired differences from the run reports found."""
+def summarise(out: Path, comparisons, seeds, tag: str) -> dict:
+    """Every comparison's per-arm scores and paired differences from the reports of runs made with
+    the settings `tag` (settings_tag)."""
     result = {}
     for c in comparisons:
         scores = {}
         for label, exp in c.arms:
             per_seed = {}
             for s in seeds:
-                p = run_dir(out, exp, s) / "report.json"
+                p = run_dir(out, exp, s, tag) / "report.json"
                 if p.exists():
                     per_seed[s] = _score(json.loads(p.read_text()))
             scores[label] = per_seed
@@ -197,7 +230,7 @@ def markdown(summary: dict, settings: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cxr_edge.train.findings", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default="../shared/data/cxr", help="labelled X-rays (default: ../shared/data/cxr)")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64, help="input size in px (default 64)")
     p.add_argument("--limit", type=int, default=800, help="training images per run (val/test get limit/4)")
@@ -214,15 +247,21 @@ def main(argv=None) -> int:
     if not comparisons:
         p.error(f"--only: unknown keys; choose from {', '.join(c.key for c in COMPARISONS)}")
     out = Path(args.out)
+    failed = 0
     if not args.summary_only:
-        run_all(args, comparisons)
-    summary = summarise(out, comparisons, args.seeds)
+        if not Path(args.data).is_dir():
+            p.error(f"--data {args.data}: no such folder (the team's runs use ../shared/data/cxr)")
+        failed = run_all(args, comparisons)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(out, comparisons, args.seeds, settings_tag(args.size, args.limit, args.epochs))
     settings = (f"{args.size} px, random init, {args.limit} training images (val/test {args.limit // 4}), "
                 f"{args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}")
     (out / "findings.json").write_text(json.dumps({"settings": settings, "comparisons": summary}, indent=1))
     (out / "findings.md").write_text(markdown(summary, settings))
     print(markdown(summary, settings))
-    return 0
+    if failed:
+        print(f"{failed} run(s) failed: see the seedN.log files under {out / 'runs'}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
