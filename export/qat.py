@@ -83,8 +83,12 @@ def float_nodes(wrapper, example) -> list[str]:
 
 
 def fine_tune(qnet, x: np.ndarray, t_logits: np.ndarray, t_feats: np.ndarray, epochs: int, lr: float,
-              batch: int = 16, feature_weight: float = 1.0, seed: int = 0, log=print) -> list[dict]:
-    """Distil the reference into the fake-quantized network in place; returns per-epoch mean losses."""
+              batch: int = 16, feature_weight: float = 1.0, seed: int = 0, guard=None, log=print) -> list[dict]:
+    """Distil the reference into the fake-quantized network in place; returns per-epoch mean losses.
+
+    The feature term is the squared error of the pooled features in the input guard's own metric
+    when `guard` (a cxr_edge.guard.GapMahalanobis) is given — (d^T P d) / C with P = a I - U U^T, so
+    the guard scores int8 features as it scores fp32 ones — else scaled by each channel's variance."""
     import torch
     import torch.nn.functional as F
     torch.manual_seed(seed)
@@ -97,6 +101,15 @@ def fine_tune(qnet, x: np.ndarray, t_logits: np.ndarray, t_feats: np.ndarray, ep
     steps = epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     fvar = torch.from_numpy(t_feats.var(0) + 1e-6)
+    if guard is not None:
+        a = float(guard.isotropic_precision)
+        u = torch.from_numpy(np.asarray(guard.correction, np.float32))
+
+        def feature_loss(d):
+            return ((a * (d ** 2).sum(1) - ((d @ u) ** 2).sum(1)) / d.shape[1]).mean()
+    else:
+        def feature_loss(d):
+            return ((d ** 2) / fvar).mean()
     qnet.eval()   # BatchNorm statistics frozen; fake quantizers still pass gradients
     history = []
     for ep in range(epochs):
@@ -106,7 +119,7 @@ def fine_tune(qnet, x: np.ndarray, t_logits: np.ndarray, t_feats: np.ndarray, ep
             logits, fmap = qnet(xb)
             kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(torch.from_numpy(t_logits[idx]), 1),
                           reduction="batchmean", log_target=True)
-            fl = (((fmap.mean((2, 3)) - torch.from_numpy(t_feats[idx])) ** 2) / fvar).mean()
+            fl = feature_loss(fmap.mean((2, 3)) - torch.from_numpy(t_feats[idx]))
             loss = kl + feature_weight * fl
             opt.zero_grad()
             loss.backward()
@@ -243,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=300, help="calibration images for the initial ranges")
     ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--guard-metric", action="store_true",
+                    help="measure the feature error in the package's input-guard (Mahalanobis) metric")
     ap.add_argument("--install", metavar="SCORED_DIR",
                     help="do not train: put SCORED_DIR/qat.int8.onnx (weights folded to int8) into PACKAGE as its "
                     "INT8 artifact, gated on the split's val+test images, and rewrite the model card")
@@ -264,7 +279,9 @@ def main(argv=None) -> int:
     cal = int8_study._pick(src, min(a.calib, len(x)), by_source=True)
     qnet = quantize_for_training(net, x[cal])
     print(f"reference outputs and NNCF ranges: {time.time() - t0:.0f} s")
-    history = fine_tune(qnet, x, t_logits, t_feats, a.epochs, a.lr, a.batch, a.feature_weight)
+    from cxr_edge.guard import read_guard_parameters
+    guard = read_guard_parameters(pkg) if a.guard_metric else None
+    history = fine_tune(qnet, x, t_logits, t_feats, a.epochs, a.lr, a.batch, a.feature_weight, guard=guard)
     path = compact_weights(export_qdq(qnet, tuple(x.shape[1:]), out / "qat.int8.onnx"))
     ref = int8_study._reference(pkg, data["eval_x"])
     results = {}
@@ -279,7 +296,8 @@ def main(argv=None) -> int:
     settings = {"method": "nncf.quantize (torch) + distillation fine-tuning (KL to torch fp32 + pooled-feature MSE)",
                 "preset": "mixed", "ignored": "stem convolution, head", "epochs": a.epochs, "lr": a.lr,
                 "batch": a.batch, "train_images": len(x), "calibration_images": len(cal), "picked": "by source",
-                "feature_weight": a.feature_weight, "frozen": "head, BatchNorm statistics"}
+                "feature_weight": a.feature_weight, "frozen": "head, BatchNorm statistics",
+                "feature_metric": "input guard's Mahalanobis metric" if guard is not None else "per-channel variance"}
     results["qat"]["extra"] = settings
     latency = int8_study.interleaved_latency({k: p for k, p in (("shipped", shipped), ("qat", path)) if p},
                                              data["eval_x"][:1])
