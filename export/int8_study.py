@@ -61,7 +61,7 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
-def _load(package: ModelPackage, split: str, cache: Path):
+def load_tensors(package: ModelPackage, split: str, cache: Path):
     """Preprocessed train and val+test tensors of a split (cached as float16-exact float32 .npz)."""
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
@@ -76,7 +76,7 @@ def _load(package: ModelPackage, split: str, cache: Path):
     return out
 
 
-def _reference(package: ModelPackage, x: np.ndarray, batch: int = 32) -> np.ndarray:
+def reference_probs(package: ModelPackage, x: np.ndarray, batch: int = 32) -> np.ndarray:
     import torch
     from cxr_edge.backends.torch_backend import reference_network
     net = reference_network(package).eval()
@@ -85,12 +85,12 @@ def _reference(package: ModelPackage, x: np.ndarray, batch: int = 32) -> np.ndar
                                        for i in range(0, len(x), batch)]))
 
 
-def _compile(path: Path):
+def compile_openvino(path: Path):
     import openvino as ov
     return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
-def _probs(compiled, x: np.ndarray, batch: int = 16) -> np.ndarray:
+def openvino_probs(compiled, x: np.ndarray, batch: int = 16) -> np.ndarray:
     return softmax(np.concatenate([compiled(x[i:i + batch])[compiled.output(0)] for i in range(0, len(x), batch)]))
 
 
@@ -110,7 +110,7 @@ def score(ref: np.ndarray, probs: np.ndarray, sources: np.ndarray) -> dict:
             "flips_not_uncertain": int((~agree & ~uncertain).sum()), "per_source": per_source}
 
 
-def _pick(sources: np.ndarray, n: int, by_source: bool, exclude=()) -> np.ndarray:
+def pick_images(sources: np.ndarray, n: int, by_source: bool, exclude=()) -> np.ndarray:
     from types import SimpleNamespace
     from .pipeline import pick_calibration
     pool = np.setdiff1d(np.arange(len(sources)), np.asarray(exclude, int))
@@ -121,16 +121,16 @@ def _pick(sources: np.ndarray, n: int, by_source: bool, exclude=()) -> np.ndarra
 def run_variant(v: Variant, pkg: ModelPackage, data: dict, ref_eval: np.ndarray, out: Path, log=print) -> dict:
     """Quantize one variant of pkg's model.onnx to out/<name>.int8.onnx and score it on the eval tensors."""
     fp32 = Path(pkg.root) / "model.onnx"
-    cal = _pick(data["train_src"], v.calib_size, v.by_source)
+    cal = pick_images(data["train_src"], v.calib_size, v.by_source)
     control = None
     if v.max_drop is not None:
-        ctl = _pick(data["train_src"], v.control_size, True, exclude=cal)
-        control = (data["train_x"][ctl], _reference(pkg, data["train_x"][ctl]))
+        ctl = pick_images(data["train_src"], v.control_size, True, exclude=cal)
+        control = (data["train_x"][ctl], reference_probs(pkg, data["train_x"][ctl]))
     path = out / f"{v.name}.int8.onnx"
     t0 = time.perf_counter()
     extra = quantize(fp32, path, data["train_x"][cal], v.settings(fp32), control)
     seconds = time.perf_counter() - t0
-    res = score(ref_eval, _probs(_compile(path), data["eval_x"]), data["eval_src"])
+    res = score(ref_eval, openvino_probs(compile_openvino(path), data["eval_x"]), data["eval_src"])
     res.update(quantize_seconds=round(seconds, 1), extra=extra, variant=v.__dict__)
     log(f"{v.name}: {res['agree']}/{res['n']} agree (LB {res['lower_bound']:.4f}), max|dp| {res['max_abs_dp']:.3f}, "
         f"p99 {res['p99_abs_dp']:.3f}, uncertain {res['uncertain']}, {seconds:.0f} s")
@@ -139,7 +139,7 @@ def run_variant(v: Variant, pkg: ModelPackage, data: dict, ref_eval: np.ndarray,
 
 def interleaved_latency(paths: dict, x1: np.ndarray, iters: int = 100, rounds: int = 3) -> dict:
     """Batch-1 OpenVINO latency (ms, median over rounds of each round's median), variants interleaved."""
-    compiled = {k: _compile(p) for k, p in paths.items()}
+    compiled = {k: compile_openvino(p) for k, p in paths.items()}
     per = {k: [] for k in compiled}
     for _ in range(rounds):
         for k, c in compiled.items():
@@ -185,13 +185,13 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pkg = ModelPackage.read(a.package)
-    data = _load(pkg, a.split, out / "tensors.npz")
+    data = load_tensors(pkg, a.split, out / "tensors.npz")
     print(f"train {len(data['train_x'])}, eval {len(data['eval_x'])} images")
-    ref = _reference(pkg, data["eval_x"])
+    ref = reference_probs(pkg, data["eval_x"])
     results = {}
     shipped = Path(a.package) / "model.int8.onnx"
     if shipped.is_file():   # the package's own INT8, as shipped, scored on the same images
-        results["shipped"] = score(ref, _probs(_compile(shipped), data["eval_x"]), data["eval_src"])
+        results["shipped"] = score(ref, openvino_probs(compile_openvino(shipped), data["eval_x"]), data["eval_src"])
         results["shipped"].update(quantize_seconds=None, variant={"calib_size": "?", "by_source": False},
                                   extra=getattr(pkg.artifact("int8"), "extra", {}))
         (out / "shipped.int8.onnx").write_bytes(shipped.read_bytes())

@@ -269,21 +269,21 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pkg = ModelPackage.read(a.package)
-    data = int8_study._load(pkg, a.split, Path(a.tensors) if a.tensors else out / "tensors.npz")
-    keep = (int8_study._pick(data["train_src"], a.limit, by_source=True) if a.limit
+    data = int8_study.load_tensors(pkg, a.split, Path(a.tensors) if a.tensors else out / "tensors.npz")
+    keep = (int8_study.pick_images(data["train_src"], a.limit, by_source=True) if a.limit
             else np.arange(len(data["train_x"])))
     x, src = data["train_x"][keep], data["train_src"][keep]
     net = reference_network(pkg).eval()
     t0 = time.time()
     t_logits, t_feats = teacher_outputs(net, x)
-    cal = int8_study._pick(src, min(a.calib, len(x)), by_source=True)
+    cal = int8_study.pick_images(src, min(a.calib, len(x)), by_source=True)
     qnet = quantize_for_training(net, x[cal])
     print(f"reference outputs and NNCF ranges: {time.time() - t0:.0f} s")
     from cxr_edge.guard import read_guard_parameters
     guard = read_guard_parameters(pkg) if a.guard_metric else None
     history = fine_tune(qnet, x, t_logits, t_feats, a.epochs, a.lr, a.batch, a.feature_weight, guard=guard)
     path = compact_weights(export_qdq(qnet, tuple(x.shape[1:]), out / "qat.int8.onnx"))
-    ref = int8_study._reference(pkg, data["eval_x"])
+    ref = int8_study.reference_probs(pkg, data["eval_x"])
     results = {}
     shipped_art = pkg.artifact("int8")
     shipped = Path(a.package) / shipped_art.file if shipped_art else None
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     for name, p, calib in (("shipped", shipped, shipped_calib), ("qat", path, a.calib)):
         if p is None:
             continue
-        results[name] = int8_study.score(ref, int8_study._probs(int8_study._compile(p), data["eval_x"]), data["eval_src"])
+        results[name] = int8_study.score(ref, int8_study.openvino_probs(int8_study.compile_openvino(p), data["eval_x"]), data["eval_src"])
         results[name].update(quantize_seconds=None, variant={"calib_size": calib, "by_source": name == "qat"})
     settings = {"method": "nncf.quantize (torch) + distillation fine-tuning (KL to torch fp32 + pooled-feature MSE)",
                 "preset": "mixed", "ignored": "stem convolution, head", "epochs": a.epochs, "lr": a.lr,
