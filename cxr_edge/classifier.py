@@ -111,10 +111,10 @@ class Classifier:
 
     # -- single steps, shared by every path --------------------------------------------------
     def _prepare(self, item, threads: int = 1):
-        """(tensor, Decoded) or (None, error message): never raises for a bad input. threads:
-        resample one large image on that many threads (preprocess.resample; same values)."""
+        """(tensor, Decoded) or (None, error message): never raises for a bad input. threads: decode's
+        lookup table pass and the resample of one large image on that many threads (same values)."""
         try:
-            d = decode(item, min_side=self.spec.decode_hint())
+            d = decode(item, min_side=self.spec.decode_hint(), threads=threads)
             tensor = preprocess(d.pixels, self.spec, threads=threads)
             # the full-resolution pixels are not needed any more (only their shape, for CAM): drop them
             # now, so that results waiting for a batch hold model tensors, not images (inflight.py)

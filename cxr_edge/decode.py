@@ -83,11 +83,12 @@ def _raw_dicom_encoding(head: bytes) -> str | None:
     return None
 
 
-def decode(item, min_side: int | None = None, bits_stored: int | None = None) -> Decoded:
+def decode(item, min_side: int | None = None, bits_stored: int | None = None, threads: int = 1) -> Decoded:
     """Decode one input (path, bytes, PIL image, numpy array) -> Decoded (float32 H x W, 0..1).
 
     `min_side` lets JPEG draft mode shrink big files to >= that size; `bits_stored` scales uint16
-    arrays. Raises DecodeError (message: the input's name, then the cause) for every bad input,
+    arrays; `threads` > 1 splits a 16-bit file's lookup table pass over that many threads (one large
+    image, e.g. `Classifier.predict_one`; same values). Raises DecodeError (message: the input's name, then the cause) for every bad input,
     whatever the decoder library raised; never returns NaN or infinity. Library warnings raised
     while decoding (Pillow, pydicom, the JPEG plugins, numpy) and header contradictions found here
     are not printed: they are returned in `meta["warnings"]` (list of str, each naming the input).
@@ -99,7 +100,7 @@ def decode(item, min_side: int | None = None, bits_stored: int | None = None) ->
     # (np.errstate is per thread/context, so this does not touch other threads)
     with _collect_warnings() as caught, np.errstate(all="call", call=_numpy_warning):
         try:
-            d = _decode_any(item, min_side, bits_stored)
+            d = _decode_any(item, min_side, bits_stored, threads)
             if not d.finite:
                 _check_finite(d.pixels, name)
         except DecodeError:
@@ -241,7 +242,7 @@ class _collect_warnings:
         return False
 
 
-def _decode_any(item, min_side: int | None, bits_stored: int | None) -> Decoded:
+def _decode_any(item, min_side: int | None, bits_stored: int | None, threads: int = 1) -> Decoded:
     if isinstance(item, Decoded):
         return item
     if isinstance(item, Pixels):
@@ -256,8 +257,8 @@ def _decode_any(item, min_side: int | None, bits_stored: int | None) -> Decoded:
         if not data:
             raise DecodeError("<bytes>: empty input")
         if _is_dicom(data[:DICOM_MAGIC_OFFSET + 4]) or _raw_dicom_encoding(data[:16]):
-            return _decode_dicom(io.BytesIO(data), "<bytes>")
-        return _decode_pillow(io.BytesIO(data), "<bytes>", min_side)
+            return _decode_dicom(io.BytesIO(data), "<bytes>", threads)
+        return _decode_pillow(io.BytesIO(data), "<bytes>", min_side, threads)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         name = str(path)
@@ -274,8 +275,8 @@ def _decode_any(item, min_side: int | None, bits_stored: int | None) -> Decoded:
         with open(path, "rb") as f:
             head = f.read(DICOM_MAGIC_OFFSET + 4)
         if _is_dicom(head) or _raw_dicom_encoding(head[:16]) or path.suffix.lower() in (".dcm", ".dicom"):
-            return _decode_dicom(path, name)
-        return _decode_pillow(path, name, min_side)
+            return _decode_dicom(path, name, threads)
+        return _decode_pillow(path, name, min_side, threads)
     raise DecodeError(f"unsupported input type {type(item).__name__}")
 
 
@@ -318,7 +319,7 @@ def _rgb8_to_gray(rgb: np.ndarray) -> np.ndarray:
 
 
 # -- Pillow formats --------------------------------------------------------------------------------
-def _decode_pillow(fp, name: str, min_side: int | None) -> Decoded:
+def _decode_pillow(fp, name: str, min_side: int | None, threads: int = 1) -> Decoded:
     # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe, and the
     # classifier decodes in a thread pool. Pillow raises DecompressionBombError above 2 x its limit;
     # between 1 x and 2 x it only warns, so the size is checked explicitly below as well.
@@ -327,7 +328,7 @@ def _decode_pillow(fp, name: str, min_side: int | None) -> Decoded:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise DecodeError(f"{name}: {w}x{h} pixels exceeds the decompression-bomb limit of {MAX_PIXELS:,}")
-            return _from_pil(img, name, min_side)
+            return _from_pil(img, name, min_side, threads)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -403,7 +404,7 @@ def _decode_jpeg_plugin(data: bytes, name: str, pillow_error: Exception) -> Deco
     return Decoded(gray, name, (info.width, info.height), meta)
 
 
-def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
+def _from_pil(img: Image.Image, name: str, min_side: int | None, threads: int = 1) -> Decoded:
     original = img.size
     fmt = img.format
     if fmt == "JPEG" and min_side and img.mode in ("L", "RGB", "CMYK"):
@@ -438,7 +439,7 @@ def _from_pil(img: Image.Image, name: str, min_side: int | None) -> Decoded:
         meta["bits"] = bits
         if a.dtype == np.uint16:   # one table lookup, the same float32 values as the division below
             from .dicom_lut import u16_to_unit
-            gray = u16_to_unit(a)
+            gray = u16_to_unit(a, threads)
             finite = True          # a constant, finite table
         else:
             gray = (a.astype(np.float32) / np.float32(65535.0)).clip(0, 1)
@@ -656,7 +657,7 @@ def _check_pixel_stream(pydicom, ds, name: str, rows: int, cols: int, photometri
     return ts, info
 
 
-def _decode_dicom(fp, name: str) -> Decoded:
+def _decode_dicom(fp, name: str, threads: int = 1) -> Decoded:
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut
@@ -731,7 +732,8 @@ def _decode_dicom(fp, name: str) -> Decoded:
     try:
         # One composed lookup table (modality -> VOI -> MONOCHROME1 -> 0..1 float32): dicom_lut.
         from .dicom_lut import InvalidWindow, stored_to_gray
-        gray = stored_to_gray(stored, ds, bits, photometric, name, meta, native_raw=raw is not None)
+        gray = stored_to_gray(stored, ds, bits, photometric, name, meta, native_raw=raw is not None,
+                              threads=threads)
     except InvalidWindow as e:
         raise DecodeError(str(e)) from None
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .bands import run_bands
+
 # Elements per chunk of the lookup: the index conversion numpy makes for `take` stays in cache.
 _CHUNK = 1 << 17
 
@@ -165,26 +167,32 @@ class GrayTransform:
         return gray
 
 
-def take_lut(lut: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """lut[index] into float32 `out` (index: unsigned integers < lut.size), chunk by chunk."""
+def take_lut(lut: np.ndarray, index: np.ndarray, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+    """lut[index] into float32 `out` (index: unsigned integers < lut.size), chunk by chunk;
+    threads > 1 splits the chunks over that many threads (`bands.run_bands`; same values)."""
     flat_i = np.ascontiguousarray(index).reshape(-1)
     if out is None:
         out = np.empty(index.shape, np.float32)
     flat_o = out.reshape(-1)
-    for s in range(0, flat_i.size, _CHUNK):
-        np.take(lut, flat_i[s:s + _CHUNK], out=flat_o[s:s + _CHUNK], mode="clip")
+
+    def chunks(c0: int, c1: int) -> None:
+        for s in range(c0 * _CHUNK, min(c1 * _CHUNK, flat_i.size), _CHUNK):
+            np.take(lut, flat_i[s:s + _CHUNK], out=flat_o[s:s + _CHUNK], mode="clip")
+
+    run_bands(chunks, 0, -(-flat_i.size // _CHUNK), threads)
     return out
 
 
 _U16_UNIT = None
 
 
-def u16_to_unit(a: np.ndarray) -> np.ndarray:
-    """uint16 -> float32 v / 65535 (numpy's float32 division, bit for bit) through one table."""
+def u16_to_unit(a: np.ndarray, threads: int = 1) -> np.ndarray:
+    """uint16 -> float32 v / 65535 (numpy's float32 division, bit for bit) through one table
+    (`threads`: as in take_lut)."""
     global _U16_UNIT
     if _U16_UNIT is None:
         _U16_UNIT = (np.arange(65536, dtype=np.uint16).astype(np.float32) / np.float32(65535.0)).clip(0, 1)
-    return take_lut(_U16_UNIT, a)
+    return take_lut(_U16_UNIT, a, threads=threads)
 
 
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
@@ -227,7 +235,7 @@ def _masked_domain(itemsize: int, bits: int, signed: bool) -> np.ndarray:
 
 
 def stored_to_gray(stored: np.ndarray, ds, bits: int, photometric: str, name: str, meta: dict,
-                   native_raw: bool = False) -> np.ndarray:
+                   native_raw: bool = False, threads: int = 1) -> np.ndarray:
     """Stored pixel values (H x W integers, or floats) -> float32 H x W in 0..1, 1 = bright.
 
     The result is finite (ValueError otherwise: e.g. a NaN window centre).
@@ -236,6 +244,7 @@ def stored_to_gray(stored: np.ndarray, ds, bits: int, photometric: str, name: st
     anything else (float pixel data, huge spans) through the same transform per pixel.
     `native_raw`: `stored` is native_stored()'s unmasked view; the table then also does pydicom's
     masking to Bits Stored and sign extension (same values as from ds.pixel_array).
+    `threads`: the table lookup split over that many threads (take_lut; same values).
     Updates `meta` ("window", "voi_function", "voi_lut", "bits_proven", "warnings").
     Raises InvalidWindow or ValueError/TypeError/AttributeError/IndexError/KeyError for malformed
     headers (the caller names the file)."""
@@ -249,19 +258,19 @@ def stored_to_gray(stored: np.ndarray, ds, bits: int, photometric: str, name: st
             return m if m <= mask else int(domain[np.unique(stored)].max())
 
         t = GrayTransform(ds, domain.dtype, largest, bits, photometric, name, meta)
-        return take_lut(_finite(t(domain).astype(np.float32)), stored)
+        return take_lut(_finite(t(domain).astype(np.float32)), stored, threads=threads)
     t = GrayTransform(ds, stored.dtype, lambda: _stored_max(stored), bits, photometric, name, meta)
     if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
         udt = np.dtype(f"u{stored.dtype.itemsize}")
         domain = np.arange(1 << (8 * stored.dtype.itemsize), dtype=udt).view(stored.dtype)
         lut = _finite(t(domain).astype(np.float32))
         return take_lut(lut, stored.view(udt.newbyteorder(stored.dtype.byteorder)) if stored.dtype.byteorder not in "=|"
-                        else stored.view(udt))
+                        else stored.view(udt), threads=threads)
     if stored.dtype.kind in "ui" and stored.size:
         lo, hi = int(stored.min()), int(stored.max())
         if hi - lo < (1 << 20):
             lut = _finite(t(np.arange(lo, hi + 1, dtype=np.int64).astype(stored.dtype)).astype(np.float32))
-            return take_lut(lut, (stored.astype(np.int64) - lo))
+            return take_lut(lut, (stored.astype(np.int64) - lo), threads=threads)
     return _finite(t(stored).astype(np.float32))
 
 

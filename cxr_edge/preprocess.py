@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from .bands import run_bands
+
 RESIZE_POLICIES = ("stretch", "shorter_side_crop")
 
 
@@ -142,21 +144,9 @@ def _resample_split(gray: np.ndarray, out_size, box, threads: int) -> np.ndarray
         band = Image.fromarray(np.ascontiguousarray(gray[r0:r1]), mode="F")
         inter[r0:r1] = np.asarray(band.resize((out_w, r1 - r0), Image.BILINEAR, box=(x0, 0, x1, r1 - r0)))
 
-    cuts = np.linspace(first, last, threads + 1).round().astype(int)
-    for f in [_pool(threads).submit(horizontal, int(a), int(b)) for a, b in zip(cuts, cuts[1:]) if b > a]:
-        f.result()
+    run_bands(horizontal, first, last, threads)
     img = Image.fromarray(inter, mode="F")
     return np.asarray(img.resize((out_w, out_h), Image.BILINEAR, box=(0, y0, out_w, y1)), dtype=np.float32)
-
-
-_POOLS: dict = {}
-
-
-def _pool(threads: int):
-    from concurrent.futures import ThreadPoolExecutor
-    if threads not in _POOLS:   # one small pool per width, for the process's life (daemon-like: idle threads)
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cxr-resample")
-    return _POOLS[threads]
 
 
 def normalise(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -320,3 +320,23 @@ def test_table_outputs_are_marked_finite(tmp_path):
     ds.save_as(p, enforce_file_format=True)
     assert decode(p).finite
     assert not decode(np.full((4, 4), 0.5, np.float32)).finite     # a float array is scanned
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_lookup_split_over_threads_gives_the_same_pixels(tmp_path, threads):
+    # predict_one splits a large image's table lookup over the cores (bands.run_bands): same values,
+    # including a last chunk shorter than the others (701 x 613 = 3.3 chunks of 131,072)
+    from PIL import Image
+
+    from cxr_edge.dicom_lut import take_lut
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 4096, (701, 613)).astype(np.uint16)
+    lut = rng.random(65536, dtype=np.float32)
+    assert np.array_equal(take_lut(lut, a, threads=threads), lut[a])
+    ds = dataset(4095 - a, 12, "MONOCHROME1", RescaleSlope=1, RescaleIntercept=-1024,
+                 WindowCenter="900", WindowWidth="2500")
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    Image.fromarray(a * 16).save(tmp_path / "a.png")
+    for name in ("a.dcm", "a.png"):
+        one, split = decode(tmp_path / name), decode(tmp_path / name, threads=threads)
+        assert split.finite and np.array_equal(split.pixels, one.pixels), name
