@@ -55,6 +55,7 @@ class Classifier:
         from .guard import Guard
         self.guard = Guard(package, operating_point)   # calibration, input guard, operating point (guard.py)
         self.backend, self.why = load_best(package, backend, precision, threads, options)
+        self.guard.use_precision(self.backend.precision)   # its features, its threshold
         self._check_output_width()
         self.decode_workers = decode_workers or max(2, min(4, os.cpu_count() or 2))
         # predict_one: one large image's resample on up to this many cores; its standing decode threads

@@ -6,7 +6,8 @@ model.json (schema_version 1; its structure is the JSON Schema cxr_edge/schema/m
   cam ({"features_output": "features", "kind": "gap_linear" | "gap_mlp"} when exported with features),
   provenance ({...free-form: training run, data, metrics, model card}),
   reference_set ({file, sha256, bytes, shape [K, size, size], scale, source, logits, probabilities}),
-  calibration, operating_points, input_guard (cxr_edge/guard.py; input_guard.mahalanobis =
+  calibration, operating_points, input_guard (cxr_edge/guard.py; input_guard.mahalanobis and
+  input_guard.by_precision.<precision>.mahalanobis =
   {file, sha256, bytes, classes, channels, rank, isotropic_precision, ...}: the guard's parameter file),
   artifacts: [{file, sha256, bytes, format, precision, outputs, companions: [{file, sha256, bytes}],
                parity: {"<backend>/<precision>": {...}}, gate: {"<backend>/<precision>": {passed, ...}}}]
@@ -19,8 +20,8 @@ Trust rules (ModelPackage.read with verify=True, mirrored by the C SDK's read_pa
     reference set, the input guard's parameters) is a regular file inside the package (a symlink
     may only point inside it), its size equals `bytes` (compared before hashing: a special file
     such as /proc/self/pagemap is refused without reading it) and its SHA-256 equals `sha256`.
-    (The C SDK has no input guard yet: it neither reads nor verifies input_guard.mahalanobis, and
-    its suffix list lacks ".f32".)
+    (The C SDK has no input guard yet: it neither reads nor verifies input_guard's parameter files,
+    and its suffix list lacks ".f32".)
   * an ONNX artifact must embed its weights: external data (a weights file next to the .onnx that
     its own checksum does not cover) is refused.
   * an unlisted file with a weights-like suffix (WEIGHT_SUFFIXES) in the package is refused: nothing
@@ -334,31 +335,40 @@ def _stamp(root: Path, artifact: Artifact) -> None:
         c.update(sha256=sha256_file(q), bytes=q.stat().st_size)
 
 
+def guard_records(input_guard: dict | None) -> list[tuple[str, dict]]:
+    """The input guard's parameter-file records (guard.py) as (model.json field, record): the fp32
+    features' "input_guard.mahalanobis", then one per run precision fitted on its own features,
+    "input_guard.by_precision.<precision>.mahalanobis"."""
+    g = input_guard if isinstance(input_guard, dict) else {}
+    out = [("input_guard.mahalanobis", g["mahalanobis"])] if g.get("mahalanobis") else []
+    by = g.get("by_precision") if isinstance(g.get("by_precision"), dict) else {}
+    out += [(f"input_guard.by_precision.{p}.mahalanobis", e["mahalanobis"]) for p, e in by.items()
+            if isinstance(e, dict) and e.get("mahalanobis")]
+    return out
+
+
 def _check_guard_record(meta: dict, meta_path: Path, num_classes: int, listed: set, verify_root: Path | None) -> None:
-    """The input guard's parameter file (input_guard.mahalanobis, guard.py): its shape fields fit
-    the classes and its byte count, it is listed once (added to `listed`), and, with
-    `verify_root`, it is checked like every listed file.
+    """The input guard's parameter files (`guard_records`): their shape fields fit the classes and
+    their byte counts, each is listed once (added to `listed`), and, with `verify_root`, each is
+    checked like every listed file.
 
     Raises:
         PackageError: naming the field.
     """
-    rec = (meta.get("input_guard") or {}).get("mahalanobis")
-    if not rec:
-        return
-    field_name = "input_guard.mahalanobis"
-    k, c, r = rec["classes"], rec["channels"], rec["rank"]
-    if k != num_classes:
-        raise PackageError(f"{meta_path}: {field_name}.classes: {k}, but the package has {num_classes} classes")
-    if r > c:
-        raise PackageError(f"{meta_path}: {field_name}.rank: {r} is more than its {c} channels")
-    if rec["bytes"] != 4 * (k * c + c * r):
-        raise PackageError(f"{meta_path}: {field_name}.bytes: {rec['bytes']} is not 4 x ({k} x {c} + {c} x {r}) "
-                           "(float32 class means and precision correction)")
-    if rec["file"] in listed:
-        raise PackageError(f"{meta_path}: {field_name}.file: {rec['file']} is listed twice")
-    listed.add(rec["file"])
-    if verify_root is not None:
-        verify_file(verify_root, rec["file"], rec["sha256"], rec["bytes"], field_name)
+    for field_name, rec in guard_records(meta.get("input_guard")):
+        k, c, r = rec["classes"], rec["channels"], rec["rank"]
+        if k != num_classes:
+            raise PackageError(f"{meta_path}: {field_name}.classes: {k}, but the package has {num_classes} classes")
+        if r > c:
+            raise PackageError(f"{meta_path}: {field_name}.rank: {r} is more than its {c} channels")
+        if rec["bytes"] != 4 * (k * c + c * r):
+            raise PackageError(f"{meta_path}: {field_name}.bytes: {rec['bytes']} is not 4 x ({k} x {c} + {c} x {r}) "
+                               "(float32 class means and precision correction)")
+        if rec["file"] in listed:
+            raise PackageError(f"{meta_path}: {field_name}.file: {rec['file']} is listed twice")
+        listed.add(rec["file"])
+        if verify_root is not None:
+            verify_file(verify_root, rec["file"], rec["sha256"], rec["bytes"], field_name)
 
 
 def unlisted_weights(root: Path, listed: set) -> None:
@@ -546,10 +556,9 @@ class ModelPackage:
         if self.reference_set:
             p = self.root / self.reference_set["file"]
             self.reference_set.update(sha256=sha256_file(p), bytes=p.stat().st_size)
-        guard_file = (self.input_guard or {}).get("mahalanobis")
-        if guard_file:
-            p = self.root / guard_file["file"]
-            guard_file.update(sha256=sha256_file(p), bytes=p.stat().st_size)
+        for _, rec in guard_records(self.input_guard):
+            p = self.root / rec["file"]
+            rec.update(sha256=sha256_file(p), bytes=p.stat().st_size)
         out = self.root / MODEL_JSON
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
@@ -572,7 +581,7 @@ def time_integrity(root=None, repeat: int = 5) -> dict:
 
     pkg = ModelPackage.read(root)
     size = (sum(a.bytes + sum(c["bytes"] for c in a.companions) for a in pkg.artifacts) + pkg.reference_set.get("bytes", 0)
-            + (pkg.input_guard.get("mahalanobis") or {}).get("bytes", 0))
+            + sum(rec.get("bytes", 0) for _, rec in guard_records(pkg.input_guard)))
     full, light = ms(True), ms(False)
     return {"package": str(pkg.root), "bytes_checked": size, "read_verified_ms": round(full, 1),
             "read_unverified_ms": round(light, 1), "integrity_ms": round(full - light, 1)}

@@ -14,7 +14,7 @@ from conftest import CXR_DICOM, sample_images
 import cxr_edge
 from cxr_edge.guard import (GUARD_FILE, GapMahalanobis, Guard, OperatingPointError, header_warnings, ood_score,
                             pool_features)
-from cxr_edge.package import ModelPackage, PackageError
+from cxr_edge.package import ModelPackage, PackageError, guard_records
 
 
 def _package_with(tmp_path: Path, default_package: Path, **keys) -> Path:
@@ -23,9 +23,10 @@ def _package_with(tmp_path: Path, default_package: Path, **keys) -> Path:
     out = tmp_path / "pkg.cxrpkg"
     shutil.copytree(default_package, out)
     meta = json.loads((out / "model.json").read_text())
+    old = {rec["file"] for _, rec in guard_records(meta.get("input_guard"))}
     meta.update(keys)
-    if not (meta.get("input_guard") or {}).get("mahalanobis"):
-        (out / GUARD_FILE).unlink(missing_ok=True)
+    for name in old - {rec["file"] for _, rec in guard_records(meta.get("input_guard"))}:
+        (out / name).unlink()
     (out / "model.json").write_text(json.dumps(meta))
     return out
 
@@ -185,7 +186,8 @@ def guarded_package(tmp_path_factory, default_package) -> Path:
     params = GapMahalanobis(means, two.correction, two.isotropic_precision)
     out = tmp_path_factory.mktemp("guarded") / "guarded.cxrpkg"
     shutil.copytree(default_package, out)                   # copies: nothing written reaches the shipped files
-    (out / GUARD_FILE).unlink(missing_ok=True)
+    for _, rec in guard_records(ModelPackage.read(out).input_guard):   # the shipped guards (fp32, int8) go
+        (out / rec["file"]).unlink()
     (out / GUARD_FILE).write_bytes(params.to_bytes())
     pkg = ModelPackage.read(out, verify=False)
     shipped = GapMahalanobis.from_bytes(params.to_bytes(), 3, params.channels, params.rank, params.isotropic_precision)
@@ -276,3 +278,47 @@ def test_package_without_guard_file_keeps_the_energy_guard(tmp_path, default_pac
     assert not any(r.warnings for r in res[:4])
     assert all(any("out-of-distribution score" in w for w in r.warnings) for r in res[4:])   # energy, as in v1
     clf.close()
+
+
+def _int8_guard(default_package):
+    entry = ((ModelPackage.read(default_package).input_guard or {}).get("by_precision") or {}).get("int8")
+    if not entry:
+        pytest.skip("the default package has no int8 input guard (train/calibrate.py precision)")
+    return entry
+
+
+def test_an_int8_run_scores_with_the_guard_fitted_on_int8_features(tmp_path, default_package):
+    """The shipped package carries a guard fitted on its int8 artifact's features: an int8 run uses
+    its parameters and threshold, an fp32 run the fp32 guard."""
+    entry = _int8_guard(default_package)
+    fp32, int8 = _load(default_package), cxr_edge.load(default_package, backend="onnxruntime", precision="int8")
+    fp32_rec = ModelPackage.read(default_package).input_guard
+    assert fp32.guard.warn_below == fp32_rec["warn_below"] != int8.guard.warn_below == entry["warn_below"]
+    assert int8.guard.mahalanobis.isotropic_precision == entry["mahalanobis"]["isotropic_precision"]
+    assert fp32.guard.mahalanobis.isotropic_precision == fp32_rec["mahalanobis"]["isotropic_precision"]
+    images = sample_images()[:4]
+    plain = [r.warnings for r in int8.predict(images)]
+    # the int8 entry's threshold is what an int8 run compares with: set above every score, every int8
+    # result warns; the fp32 results do not change
+    guard = json.loads((default_package / "model.json").read_text())["input_guard"]
+    guard["by_precision"]["int8"]["warn_below"] = 1e12
+    pkg = _package_with(tmp_path, default_package, input_guard=guard)
+    warned = cxr_edge.load(pkg, backend="onnxruntime", precision="int8").predict(images)
+    assert all(any(MAHALANOBIS_WARNING in w for w in r.warnings) for r in warned)
+    assert not all(any(MAHALANOBIS_WARNING in w for w in ws) for ws in plain)   # so the threshold made them warn
+    assert [r.warnings for r in _load(pkg).predict(images)] == [r.warnings for r in fp32.predict(images)]
+
+
+def test_tampered_int8_guard_file_is_refused(tmp_path, default_package):
+    entry = _int8_guard(default_package)
+    name = entry["mahalanobis"]["file"]
+    bad = tmp_path / "bad.cxrpkg"
+    shutil.copytree(default_package, bad)
+    raw = bytearray((bad / name).read_bytes())
+    raw[7] ^= 0x01
+    (bad / name).write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match=f"input_guard.by_precision.int8.mahalanobis file {name} checksum mismatch"):
+        ModelPackage.read(bad)
+    g = Guard(ModelPackage.read(bad, verify=False))    # the fp32 guard reads; the int8 one is hashed when used
+    with pytest.raises(PackageError, match="checksum mismatch"):
+        g.use_precision("int8")

@@ -129,6 +129,8 @@ def test_fit_and_apply_write_the_package_keys_and_card(tmp_path):
     shutil.copytree(DEFAULT_PACKAGE, pkg_dir)                    # copies: never write into the shipped files
     cal.apply(pkg_dir, tmp_path / "frag.json")
     pkg = ModelPackage.read(pkg_dir)                              # checksums still verify, the guard file's too
+    # the shipped int8 guard was fitted with the replaced fp32 guard: removed with it (fit_precision again)
+    assert "by_precision" not in pkg.input_guard and not (pkg_dir / "input_guard.int8.f32").exists()
     assert pkg.calibration["temperature"] == frag["calibration"]["temperature"]
     rec = pkg.input_guard["mahalanobis"]
     assert rec["sha256"] == sha256_file(pkg_dir / "input_guard.f32") == g["mahalanobis"]["sha256"]
@@ -181,3 +183,37 @@ def test_guard_threshold_comes_from_out_of_fold_scores():
     out_of_fold = np.quantile(cal.out_of_fold_scores(fv, yv, 3), 0.02)
     assert np.mean(g.score(fresh) < in_sample) > 0.5
     assert np.mean(g.score(fresh) < out_of_fold) <= 0.05
+
+
+def test_fit_precision_writes_an_int8_guard_fitted_on_int8_features(tmp_path):
+    """fit_precision on real X-rays (a small split) and a copy of the default package: the int8
+    guard's file is listed and checksummed, an int8 run uses it, and the fp32 threshold recomputed
+    from the runtime's fp32 features is a finite number of the same kind."""
+    import dataclasses
+    import json
+    import shutil
+
+    import cxr_edge
+    from conftest import CXR, shared_images
+    from cxr_edge.package import DEFAULT_PACKAGE, ModelPackage
+    picked = shared_images(60, seed=4)
+    split = {"val": [dataclasses.asdict(s) for s in picked[:45]], "test": [dataclasses.asdict(s) for s in picked[45:]]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    pkg_dir = tmp_path / "pkg"
+    shutil.copytree(DEFAULT_PACKAGE, pkg_dir)
+    guard = ModelPackage.read(pkg_dir).input_guard
+    guard.pop("by_precision", None)
+    (pkg_dir / "input_guard.int8.f32").unlink(missing_ok=True)
+    meta = json.loads((pkg_dir / "model.json").read_text())
+    meta["input_guard"] = guard
+    (pkg_dir / "model.json").write_text(json.dumps(meta))
+    entry = cal.fit_precision(pkg_dir, tmp_path / "split.json", CXR, "int8", "onnxruntime", log=lambda *a: None)
+    pkg = ModelPackage.read(pkg_dir)                                   # verifies the new file's checksum
+    assert pkg.input_guard["by_precision"]["int8"] == entry
+    assert entry["mahalanobis"]["file"] == "input_guard.int8.f32" and entry["mahalanobis"]["channels"] == 1024
+    assert np.isfinite(entry["warn_below"]) and np.isfinite(entry["fp32_warn_below_recomputed"])
+    assert entry["rates"]["n_val"] == 45 and entry["rates"]["n_test"] == 15 and entry["rates"]["n_synthetic"] == 120
+    assert 0 < entry["rates"]["false_alarm_val_frontal"] <= 0.05                 # one of 45 at the 2 % quantile
+    clf = cxr_edge.load(pkg_dir, backend="onnxruntime", precision="int8")
+    assert clf.guard.warn_below == entry["warn_below"]
+    assert "Run at int8" in (pkg_dir / "MODEL_CARD.md").read_text()

@@ -11,6 +11,10 @@
     #    operating_points, input_guard), copy the parameter file in as input_guard.f32; checksums
     #    are re-stamped by ModelPackage.write. Re-running replaces both.
     python -m cxr_edge.train.calibrate apply PACKAGE RUN/calibration.json
+    # 4. for each reduced precision the package ships (its int8 artifact's features differ): a
+    #    guard fitted on that precision's own features through the runtime (after every apply)
+    python -m cxr_edge.train.calibrate precision PACKAGE --split RUN/split.json \
+        --data ../shared/data/cxr --precision int8
 
 Rules (also in docs/REPRODUCTION.md and the runtime, cxr_edge/guard.py):
 - temperature T: one scalar minimising the validation NLL of softmax(logits / T); the runtime
@@ -275,16 +279,19 @@ def stratified_folds(labels: np.ndarray, folds: int = GUARD_FOLDS, seed: int = 0
 
 
 def out_of_fold_scores(features: np.ndarray, labels: np.ndarray, k: int, folds: int = GUARD_FOLDS,
-                       shrinkage: float = GUARD_SHRINKAGE) -> np.ndarray:
+                       shrinkage: float = GUARD_SHRINKAGE, scored: np.ndarray | None = None) -> np.ndarray:
     """(N,) Mahalanobis score of each image from parameters fitted without its fold. A threshold
     must come from these: scored by parameters fitted on themselves, 428 images in 1024
     dimensions look far closer than new radiographs do (the 2 % in-sample quantile of v1's
-    validation split gave 23 % false alarms on the test split)."""
+    validation split gave 23 % false alarms on the test split). `scored`: (N, C) features of the
+    same images to score instead of `features` (another run precision's), the parameters still
+    fitted on `features` as the shipped ones are."""
     fold = stratified_folds(labels, folds)
+    scored = features if scored is None else scored
     out = np.empty(len(labels))
     for f in range(folds):
         held = fold == f
-        out[held] = GapMahalanobis.fit(features[~held], labels[~held], k, shrinkage).score(features[held])
+        out[held] = GapMahalanobis.fit(features[~held], labels[~held], k, shrinkage).score(scored[held])
     return out
 
 
@@ -410,30 +417,121 @@ def fit(npz, target_sensitivity: float = 0.95, id_quantile: float = 0.02, id_qua
     return frag
 
 
+def runtime_features(clf, items, batch: int = 8) -> np.ndarray:
+    """(N, C) float64 pooled feature maps of `items` (paths, or float 0..1 arrays) through a loaded
+    classifier's decode, the package's preprocessing and its backend: what its input guard scores."""
+    from cxr_edge.decode import decode
+    from cxr_edge.guard import pool_features
+    from cxr_edge.preprocess import preprocess
+
+    def prepare(item):
+        return preprocess(decode(item, min_side=clf.spec.decode_hint()).pixels, clf.spec)
+    out = []
+    with ThreadPoolExecutor(2) as ex:
+        for i in range(0, len(items), batch):
+            x = np.stack(list(ex.map(prepare, items[i:i + batch])))
+            out.append(pool_features(clf.backend.infer(x, features=True)["features"]))
+    return np.concatenate(out)
+
+
+def fit_precision(package_dir, split_json, data_dir, precision: str = "int8", backend: str = "openvino",
+                  id_quantile: float = 0.02, log=print) -> dict:
+    """The input guard for a reduced run precision, fitted on that precision's own features and
+    written into PACKAGE: parameter file input_guard.<precision>.f32 and model.json
+    input_guard.by_precision[precision] = {warn_below, mahalanobis, calibrated_on, backend, rates,
+    rates_under_fp32_guard, fp32_warn_below_recomputed}; cxr_edge.guard.Guard uses it whenever a
+    backend runs that precision. Same rules as the fp32 guard (`fit_input_guard`): parameters
+    fitted on every validation frontal, threshold = the `id_quantile` quantile of their
+    out-of-fold scores; the features come from the runtime (`runtime_features`) at `precision` on
+    `backend`. Also measured: the rates of the fp32 guard on the same features (what the
+    precision had without its own guard), and warn_below recomputed from the runtime's fp32
+    features (a check that runtime and `collect` agree). Returns the by_precision entry.
+
+    Raises:
+        ValueError: the package has no fp32 Mahalanobis guard, or `data_dir` has no manifest.csv.
+        PackageError: the package does not read (checksums).
+    """
+    import cxr_edge
+    from cxr_edge.guard import read_guard_parameters
+    from cxr_edge.package import ModelPackage
+
+    from .experiment import read_split
+    pkg = ModelPackage.read(package_dir)
+    guard = dict(pkg.input_guard or {})
+    fp32_params = read_guard_parameters(pkg)
+    if fp32_params is None:
+        raise ValueError(f"{pkg.root}: no Mahalanobis input guard (input_guard.mahalanobis) to go with")
+    manifest = Path(data_dir) / "manifest.csv"
+    if not manifest.is_file():
+        raise ValueError(f"{data_dir}: no manifest.csv there (its lateral views are measured)")
+    k = len(pkg.classes)
+    val, test = read_split(split_json, "val"), read_split(split_json, "test")
+    labels = np.array([pkg.classes.index(s.label) for s in val])
+    with open(manifest, newline="") as fh:
+        laterals = [str(Path(data_dir) / r["path"]) for r in csv.DictReader(fh) if r.get("view") == "L"]
+    syn = synthetic_set()
+    with cxr_edge.load(pkg, backend=backend, precision="fp32") as ref:
+        fp32_val = runtime_features(ref, [s.path for s in val])
+    with cxr_edge.load(pkg, backend=backend, precision=precision) as clf:
+        where = clf.backend.describe()
+        feats = {"val": runtime_features(clf, [s.path for s in val]),
+                 "test": runtime_features(clf, [s.path for s in test]),
+                 "lateral": runtime_features(clf, laterals),
+                 "synthetic": runtime_features(clf, [a for _, a in syn])}
+    log(f"features: {', '.join(f'{p} {len(f)}' for p, f in feats.items())} on {where}")
+    kinds = [kind for kind, _ in syn]
+    params = _shipped(GapMahalanobis.fit(feats["val"], labels, k, GUARD_SHRINKAGE))
+    scores = {"val": out_of_fold_scores(feats["val"], labels, k),
+              **{p: params.score(feats[p]) for p in ("test", "lateral", "synthetic")}}
+    thr = round(float(np.quantile(scores["val"], id_quantile)), 4)
+    before = {"val": out_of_fold_scores(fp32_val, labels, k, scored=feats["val"]),
+              **{p: fp32_params.score(feats[p]) for p in ("test", "lateral", "synthetic")}}
+    file = f"input_guard.{precision}.f32"
+    (pkg.root / file).write_bytes(params.to_bytes())
+    entry = {"warn_below": thr, "mahalanobis": params.record(file), "backend": where,
+             "calibrated_on": f"the {id_quantile:.0%} quantile of the score on {len(val)} validation frontal "
+                              f"radiographs' {precision} features, each scored out of fold ({GUARD_FOLDS} folds); "
+                              f"class means and covariance (shrinkage {GUARD_SHRINKAGE}) fitted on all of them",
+             "rates": guard_rates(scores, lambda x: x < thr, kinds),
+             "rates_under_fp32_guard": guard_rates(before, lambda x: x < guard["warn_below"], kinds),
+             "fp32_warn_below_recomputed": round(float(np.quantile(out_of_fold_scores(fp32_val, labels, k),
+                                                                   id_quantile)), 4)}
+    guard["by_precision"] = {**(guard.get("by_precision") or {}), precision: entry}
+    pkg.input_guard = guard
+    _write(pkg)
+    return entry
+
+
 def apply(package_dir, fragment) -> Path:
     """Write the fragment's calibration / operating_points / input_guard into PACKAGE's model.json,
     with the input guard's parameter file (found next to the fragment, see `fit`) copied into the
     package; checksums are re-stamped (ModelPackage.write). Re-running with a new fragment
-    replaces the file; a guard file the new fragment does not list is removed (an unlisted one
-    would make the package refused).
+    replaces the file; guard files the new fragment does not list (the old per-precision guards,
+    `fit_precision`: run it again) are removed (an unlisted one would make the package refused).
 
     Raises:
         ValueError: the fragment's guard file is missing or is not the file it was fitted with.
         PackageError: the package does not read (checksums) before the change.
     """
-    from cxr_edge.package import ModelPackage
+    from cxr_edge.package import ModelPackage, guard_records
     frag_path = Path(fragment)
     frag = json.loads(frag_path.read_text())
     pkg = ModelPackage.read(package_dir)
-    old = (pkg.input_guard or {}).get("mahalanobis")
-    new = (frag.get("input_guard") or {}).get("mahalanobis") if "input_guard" in frag else old
-    if "input_guard" in frag and new:
-        _copy_guard_file(frag_path, frag, new, pkg.root)
-    if old and (not new or new["file"] != old["file"]):
-        (pkg.root / old["file"]).unlink(missing_ok=True)
+    if "input_guard" in frag:
+        new = (frag.get("input_guard") or {}).get("mahalanobis")
+        if new:
+            _copy_guard_file(frag_path, frag, new, pkg.root)
+        keep = {rec["file"] for _, rec in guard_records(frag["input_guard"])}
+        for _, rec in guard_records(pkg.input_guard):   # e.g. a by_precision guard fitted with the old one
+            if rec["file"] not in keep:
+                (pkg.root / rec["file"]).unlink(missing_ok=True)
     for key in ("calibration", "operating_points", "input_guard"):
         if key in frag:
             setattr(pkg, key, frag[key])
+    return _write(pkg)
+
+
+def _write(pkg) -> Path:
     out = pkg.write()
     card = (pkg.provenance or {}).get("model_card")
     if card:   # re-render MODEL_CARD.md so it shows the new sections (export/model_card.py calls card_lines)
@@ -511,6 +609,16 @@ def card_lines(pkg) -> list[str]:
                   f"generated non-radiographs {pct('miss_synthetic')} (n {r.get('n_synthetic')}: {kinds}). Lateral "
                   "views are chest radiographs too: the score misses most of them at this false-alarm rate, and the "
                   "DICOM ViewPosition check is what catches them when the header has it."]
+            for prec, e in (guard.get("by_precision") or {}).items():
+                q, was = e.get("rates", {}), e.get("rates_under_fp32_guard", {})
+                pc = lambda rr, key: f"{100 * rr.get(key, 0):.1f} %"   # noqa: E731
+                L += ["", f"Run at {prec}, the features move, so that precision has its own guard "
+                      f"({e.get('mahalanobis', {}).get('file')}, threshold {e.get('warn_below')}: {e.get('calibrated_on')}; "
+                      f"features from {e.get('backend')}). Measured: false alarms on frontal radiographs: validation "
+                      f"{pc(q, 'false_alarm_val_frontal')} (out of fold), test {pc(q, 'false_alarm_test_frontal')}; missed "
+                      f"lateral views {pc(q, 'miss_lateral')}; missed generated non-radiographs {pc(q, 'miss_synthetic')}. "
+                      f"The fp32 guard on the same {prec} features: test false alarms {pc(was, 'false_alarm_test_frontal')}, "
+                      f"missed generated non-radiographs {pc(was, 'miss_synthetic')}."]
         else:
             L += [f"A result carries a warning when the DICOM header says the body part is not the chest or the view is "
                   f"lateral/oblique, or when the out-of-distribution score {guard.get('score')} is below "
@@ -543,6 +651,14 @@ def main(argv=None) -> int:
     a = sub.add_parser("apply")
     a.add_argument("package")
     a.add_argument("fragment")
+    pr = sub.add_parser("precision", help="the input guard for a reduced run precision, fitted on its own "
+                                          "features (after apply; written into the package)")
+    pr.add_argument("package")
+    pr.add_argument("--split", required=True, help="RUN/split.json: the validation frontals the guard was fitted on")
+    pr.add_argument("--data", required=True, help="folder with manifest.csv (its lateral views are measured)")
+    pr.add_argument("--precision", default="int8")
+    pr.add_argument("--backend", default="openvino")
+    pr.add_argument("--id-quantile", type=float, default=0.02)
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         print(collect(args.checkpoint, args.split, args.data, args.out, args.per_kind))
@@ -553,6 +669,12 @@ def main(argv=None) -> int:
                    guard_file=guard_file)
         out.write_text(json.dumps(frag, indent=2) + "\n")
         print(json.dumps(frag["report"], indent=1))
+    elif args.cmd == "precision":
+        try:
+            rec = fit_precision(args.package, args.split, args.data, args.precision, args.backend, args.id_quantile)
+        except ValueError as e:
+            ap.error(str(e))
+        print(json.dumps(rec, indent=1))
     else:
         print(apply(args.package, args.fragment))
     return 0

@@ -5,9 +5,9 @@
 
 Runs `cxr_edge.load(...).predict` on the split's test frontals (false alarms), the lateral views of
 the data folder's manifest (caught) and the generated non-radiographs of train/calibrate.py
-(caught), and counts results carrying the guard's out-of-distribution warning. The guard's
-parameters are fitted on torch fp32 features (train/calibrate.py); a reduced precision changes the
-features it scores, so its rates are measured per precision.
+(caught), and counts results carrying the guard's out-of-distribution warning. A reduced precision
+changes the features the guard scores: a package may carry a guard fitted on that precision's
+features (train/calibrate.py precision), which the runtime then uses; rates are measured per precision.
 """
 from __future__ import annotations
 
