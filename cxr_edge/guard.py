@@ -301,6 +301,7 @@ class Guard:
             if not np.isfinite(v):
                 raise ValueError(f"{package.root}: input_guard.by_precision.{prec}.warn_below must be finite, got {v}")
         self._package = package
+        self._fp32_guard = (self.mahalanobis, self.warn_below)
         self.precision = None
         self.classes = list(package.classes)
         self.normal_index = self.classes.index(package.normal_class) if package.normal_class in self.classes else None
@@ -330,9 +331,11 @@ class Guard:
             PackageError: the precision's parameter file is missing, replaced, or does not fit.
         """
         entry = ((getattr(self._package, "input_guard", None) or {}).get("by_precision") or {}).get(precision)
-        if entry and self.mahalanobis is not None:
+        if entry and self._fp32_guard[0] is not None:
             self.mahalanobis = read_guard_parameters(self._package, precision)
             self.warn_below = float(entry["warn_below"])
+        else:
+            self.mahalanobis, self.warn_below = self._fp32_guard
         self.precision = precision
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:

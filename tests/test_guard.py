@@ -296,6 +296,11 @@ def test_an_int8_run_scores_with_the_guard_fitted_on_int8_features(tmp_path, def
     assert fp32.guard.warn_below == fp32_rec["warn_below"] != int8.guard.warn_below == entry["warn_below"]
     assert int8.guard.mahalanobis.isotropic_precision == entry["mahalanobis"]["isotropic_precision"]
     assert fp32.guard.mahalanobis.isotropic_precision == fp32_rec["mahalanobis"]["isotropic_precision"]
+    g = Guard(ModelPackage.read(default_package))
+    g.use_precision("int8")
+    g.use_precision("bf16")                               # no bf16 guard: back to the fp32 one
+    assert (g.warn_below, g.mahalanobis.isotropic_precision) == (fp32.guard.warn_below,
+                                                                 fp32.guard.mahalanobis.isotropic_precision)
     images = sample_images()[:4]
     plain = [r.warnings for r in int8.predict(images)]
     # the int8 entry's threshold is what an int8 run compares with: set above every score, every int8
