@@ -232,8 +232,10 @@ def test_sigint_keeps_complete_rows(tiny_package, tmp_path):
             (inbox / f"{i:02d}_{s.name}").symlink_to(s)
     total = 30 * len(samples)
     out = tmp_path / "out.csv"
+    # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the
+    # child the default disposition, so the test does not depend on how pytest was started
     proc = run_cli(["classify", inbox, "--model", tiny_package, "--backend", "onnxruntime", "--batch-size", "4",
-                    "--output", out])
+                    "--output", out], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         if out.is_file() and out.read_text().count("\n") >= 6:     # header + 5 rows written
