@@ -672,7 +672,7 @@ def main(argv=None) -> int:
     elif args.cmd == "precision":
         try:
             rec = fit_precision(args.package, args.split, args.data, args.precision, args.backend, args.id_quantile)
-        except ValueError as e:
+        except (ValueError, OSError, KeyError) as e:   # no guard, a missing split/data file, a split without val/test
             ap.error(str(e))
         print(json.dumps(rec, indent=1))
     else:
