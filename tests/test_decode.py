@@ -141,7 +141,7 @@ def test_multipage_tiff_refused(tmp_path, gray8):
 def test_real_shared_png_modes():
     """Real PNGs from the shared set in each stored mode (L, RGB, RGBA) decode to 2-D 0..1."""
     if not (CXR / "manifest.csv").is_file():
-        pytest.skip(f"real chest X-rays not found at {CXR}")
+        pytest.skip(f"real chest X-rays not found at {CXR} (../shared/data/cxr beside the checkout)")
     seen = {}
     with open(CXR / "manifest.csv", newline="") as f:
         for r in csv.DictReader(f):

@@ -114,7 +114,7 @@ def test_package_round_trip_keeps_keys(tmp_path, default_package):
 def test_dicom_header_guard_on_real_files(default_package):
     files = CXR_DICOM / "files"
     if not files.is_dir():
-        pytest.skip(f"DICOM samples not found at {files} (../shared/data absent)")
+        pytest.skip(f"real DICOM samples not found at {files} (../shared/data/cxr-dicom beside the checkout)")
     pytest.importorskip("pydicom")
     res = _load(default_package).predict([files / "udacity_test1.dcm", files / "udacity_test4.dcm"])
     assert not any("BodyPartExamined" in w for w in res[0].warnings)

@@ -337,7 +337,7 @@ def test_missing_imagenet_weights_say_what_to_do(tmp_path, monkeypatch):
         init_weights(net, {"name": "vgg16", "init": "imagenet"})
 
 
-@pytest.mark.skipif(not HAS_TIMM, reason="timm (optional extra) not installed")
+@pytest.mark.skipif(not HAS_TIMM, reason="timm not installed (pip install timm)")
 def test_imagenet_init_from_local_timm_file(tmp_path):
     import timm
     torch.manual_seed(5)

@@ -217,3 +217,23 @@ def test_fit_precision_writes_an_int8_guard_fitted_on_int8_features(tmp_path):
     clf = cxr_edge.load(pkg_dir, backend="onnxruntime", precision="int8")
     assert clf.guard.warn_below == entry["warn_below"]
     assert "Run at int8" in (pkg_dir / "MODEL_CARD.md").read_text()
+
+
+def test_fit_precision_refuses_fp32_and_a_package_without_guard(tmp_path):
+    """fp32 features have the package's own guard; a package without a Mahalanobis guard has none to
+    go with. Both are refused before any model is loaded."""
+    import json
+    import shutil
+
+    from cxr_edge.package import DEFAULT_PACKAGE
+    with pytest.raises(ValueError, match="fp32 features have the package's own guard"):
+        cal.fit_precision(DEFAULT_PACKAGE, tmp_path / "split.json", tmp_path, "fp32")
+    pkg_dir = tmp_path / "pkg"
+    shutil.copytree(DEFAULT_PACKAGE, pkg_dir)
+    meta = json.loads((pkg_dir / "model.json").read_text())
+    meta["input_guard"] = {"warn_below": 1.0, "warn_above": 6.0}
+    for f in pkg_dir.glob("input_guard*.f32"):
+        f.unlink()
+    (pkg_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="no Mahalanobis input guard"):
+        cal.fit_precision(pkg_dir, tmp_path / "split.json", tmp_path, "int8")

@@ -448,7 +448,8 @@ def fit_precision(package_dir, split_json, data_dir, precision: str = "int8", ba
     features (a check that runtime and `collect` agree). Returns the by_precision entry.
 
     Raises:
-        ValueError: the package has no fp32 Mahalanobis guard, or `data_dir` has no manifest.csv.
+        ValueError: `precision` is fp32, the package has no fp32 Mahalanobis guard, or `data_dir` has
+            no manifest.csv.
         PackageError: the package does not read (checksums).
     """
     import cxr_edge
@@ -456,6 +457,8 @@ def fit_precision(package_dir, split_json, data_dir, precision: str = "int8", ba
     from cxr_edge.package import ModelPackage
 
     from .experiment import read_split
+    if precision == "fp32":
+        raise ValueError("fp32 features have the package's own guard (input_guard.mahalanobis: calibrate fit, apply)")
     pkg = ModelPackage.read(package_dir)
     guard = dict(pkg.input_guard or {})
     fp32_params = read_guard_parameters(pkg)
@@ -653,12 +656,14 @@ def main(argv=None) -> int:
     a.add_argument("fragment")
     pr = sub.add_parser("precision", help="the input guard for a reduced run precision, fitted on its own "
                                           "features (after apply; written into the package)")
-    pr.add_argument("package")
-    pr.add_argument("--split", required=True, help="RUN/split.json: the validation frontals the guard was fitted on")
+    pr.add_argument("package", help="model package directory (changed in place: back it up or work on a copy)")
+    pr.add_argument("--split", required=True, help="RUN/split.json written by `cxr-edge train` (its val part: the "
+                                                   "frontals the fp32 guard was fitted on; its test part is measured)")
     pr.add_argument("--data", required=True, help="folder with manifest.csv (its lateral views are measured)")
-    pr.add_argument("--precision", default="int8")
-    pr.add_argument("--backend", default="openvino")
-    pr.add_argument("--id-quantile", type=float, default=0.02)
+    pr.add_argument("--precision", default="int8", help="run precision to fit a guard for (default: int8)")
+    pr.add_argument("--backend", default="openvino", help="backend whose features are used (default: openvino)")
+    pr.add_argument("--id-quantile", type=float, default=0.02,
+                    help="warn below this quantile of the validation images' out-of-fold scores (default: 0.02)")
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         print(collect(args.checkpoint, args.split, args.data, args.out, args.per_kind))
@@ -673,7 +678,7 @@ def main(argv=None) -> int:
         try:
             rec = fit_precision(args.package, args.split, args.data, args.precision, args.backend, args.id_quantile)
         except (ValueError, OSError, KeyError) as e:   # no guard, a missing split/data file, a split without val/test
-            ap.error(str(e))
+            pr.error(str(e))
         print(json.dumps(rec, indent=1))
     else:
         print(apply(args.package, args.fragment))
