@@ -176,8 +176,10 @@ class Classifier:
 
     def predict_one(self, item, explain: bool = False) -> Result:
         """One input, lowest latency: decoded on this classifier's standing decode threads (none to
-        start per call) within `decode_timeout`, a large image's resample split over the cores
-        (`split_threads`), then one batch-1 inference. A bad or hung input gives an error Result."""
+        start per call) within `decode_timeout`, a large image's lookup and resample split over the
+        cores (`split_threads`), then one batch-1 inference on the backend's one-input engine
+        (`Backend.infer_one_async`; OpenVINO: a LATENCY compilation, made on first use). A bad or hung
+        input gives an error Result."""
         pool = self._one_pool()
         task = pool.submit(self._prepare_split, item, estimate_bytes(item))
         try:
@@ -187,7 +189,7 @@ class Classifier:
         out = None
         if prepared[0] is not None:
             try:
-                out = self._submit(prepared[0][None], explain).result()
+                out = self._submit(prepared[0][None], explain, one=True).result()
             except Exception as e:
                 return Result(_describe(item), error=f"{_describe(item)}: inference failed on "
                               f"{self.backend.describe()}: {e}", backend=self.backend.name, precision=self.precision)
@@ -257,7 +259,7 @@ class Classifier:
         finally:
             pool.close()
 
-    def _submit(self, batch, explain):
+    def _submit(self, batch, explain, one: bool = False):
         if explain:
             engine = self.cam_engine()       # fails here, before any inference, if no CAM is possible
             engine.class_index(explain)      # explain=True (predicted class) or a class name
@@ -266,7 +268,10 @@ class Classifier:
                 done.set_result(engine.torch_outputs(batch))
                 return done
         # the feature map costs no extra compute (the head pools it anyway), only its copy out
-        return self.backend.infer_async(batch, features=bool(explain) or self.guard.needs_features)
+        features = bool(explain) or self.guard.needs_features
+        if one:   # predict_one: one input waiting alone, on the backend's lowest-latency engine
+            return self.backend.infer_one_async(batch, features=features)
+        return self.backend.infer_async(batch, features=features)
 
     def close(self):
         """Close the backend and predict_one's decode threads (also on leaving a `with` block)."""

@@ -255,3 +255,36 @@ def test_openvino_latency_mode_streams_many_batches(pkg):
     finally:
         if not t.is_alive():
             clf.close()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_latency_engine_for_one_input_gives_the_same_outputs(default_package, precision):
+    """predict_one runs its batch of one on a second OpenVINO compilation with the LATENCY hint (one
+    stream over every core; THROUGHPUT mode gives one request one core). Same artifact, same inference
+    precision: the same logits and features as the throughput engine, and the same Result, from four
+    threads at once too."""
+    if not backend_status()["openvino"][0]:
+        pytest.skip("openvino not available here")
+    clf = cxr_edge.load(default_package, backend="openvino", precision=precision)
+    b = clf.backend
+    assert b._latency_engine is None                                   # compiled on first use only
+    x = np.stack([clf._prepare(p)[0] for p in sample_images()[:3]])
+    for i in range(len(x)):
+        a, c = b.infer(x[i:i + 1], features=True), b.infer_one_async(x[i:i + 1], features=True).result()
+        assert set(a) == set(c) == {"logits", "features"}
+        for k in a:
+            np.testing.assert_allclose(c[k], a[k], rtol=0, atol=1e-5, err_msg=k)
+    assert b._latency_engine is not None and b._latency_engine is not b._engine
+    images = sample_images()[:4]
+    batch = {r.source: r for r in clf.predict(images)}
+    singles = {}
+    threads = [threading.Thread(target=lambda p=p: singles.setdefault(str(p), clf.predict_one(p))) for p in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert set(singles) == set(batch)
+    for src, r in singles.items():
+        assert r.label == batch[src].label and r.warnings == batch[src].warnings
+        np.testing.assert_allclose(list(r.probabilities.values()), list(batch[src].probabilities.values()), atol=1e-5)
+    clf.close()

@@ -93,6 +93,12 @@ class Backend(abc.ABC):
         done.set_result(self.infer(batch, features))
         return done
 
+    def infer_one_async(self, batch: np.ndarray, features: bool = False):
+        """As `infer_async`, for one input that waits alone (`Classifier.predict_one`): a backend whose
+        batched engine leaves cores idle at batch 1 runs it on a latency engine instead. Default:
+        `infer_async`."""
+        return self.infer_async(batch, features)
+
     def describe(self) -> str:
         """"<name> <precision> on <device> (<artifact file>)"."""
         return f"{self.name} {self.precision} on {self.device} ({self.artifact.file})"
