@@ -20,7 +20,9 @@ class OpenVINOBackend(Backend):
 
     The inference precision is always set explicitly (bf16/fp16 only where the CPU has them natively).
     Options: throughput (bool, default True: THROUGHPUT mode, else LATENCY); cache_dir (path: OpenVINO's
-    compiled-model cache). Async: a pool of infer requests, grown on demand.
+    compiled-model cache). Async: a pool of infer requests, grown on demand. A lone input
+    (`infer_one_async`, used by predict_one) runs on a LATENCY compilation of the same artifact
+    either way, made on first use (in THROUGHPUT mode: a second compiled model in memory).
 
     Raises:
         BackendError: the CPU lacks the precision, or the model cannot be compiled.
