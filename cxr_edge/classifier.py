@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import load_best
+from .backends.base import BackendError
 from .decode import DecodeError, decode, estimate_bytes
 from .inflight import DEFAULT_DECODE_TIMEOUT, MAX_BATCH_SIZE, DecodePool, budget_from_env
 from .inputs import describe as _describe
@@ -62,6 +63,7 @@ class Classifier:
         self.split_threads = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else (os.cpu_count() or 1)))
         self._single: DecodePool | None = None
+        self._closed = False
         self._single_lock = threading.Lock()
         self._cam = None
         self._cam_lock = threading.Lock()
@@ -79,7 +81,6 @@ class Classifier:
                 is missing or of another width (the package is wrong).
             BackendError: the backend cannot run the test image.
         """
-        from .backends.base import BackendError
         from .package import PackageError
         c, s = self.spec.channels, self.spec.size
         try:
@@ -179,7 +180,10 @@ class Classifier:
         start per call) within `decode_timeout`, a large image's lookup and resample split over the
         cores (`split_threads`), then one batch-1 inference on the backend's one-input engine
         (`Backend.infer_one_async`; OpenVINO: a LATENCY compilation, made on first use). A bad or hung
-        input gives an error Result."""
+        input gives an error Result; a bad `explain` raises, as in `predict` (ValueError, CamUnavailable)."""
+        self._check_open()
+        if explain:   # checked before any decoding, not reported as an inference failure of this input
+            self.cam_engine().class_index(explain)
         pool = self._one_pool()
         task = pool.submit(self._prepare_split, item, estimate_bytes(item))
         try:
@@ -206,7 +210,9 @@ class Classifier:
             return self._single
 
     def stream(self, inputs: Iterable, explain: bool = False) -> Iterator[Result]:
-        """Results in input order as batches complete; memory stays bounded for any input length."""
+        """Results in input order as batches complete; memory stays bounded for any input length.
+        Raises BackendError once the classifier is closed."""
+        self._check_open()
         pool = DecodePool(self.decode_workers, self.decode_budget, self.decode_timeout)
         try:
             prep_q: deque = deque()          # (item, task) in input order, bounded lookahead
@@ -274,11 +280,17 @@ class Classifier:
         return self.backend.infer_async(batch, features=features)
 
     def close(self):
-        """Close the backend and predict_one's decode threads (also on leaving a `with` block)."""
+        """Close the backend and predict_one's decode threads (also on leaving a `with` block); using the
+        classifier afterwards raises BackendError."""
+        self._closed = True
         if self._single is not None:
             self._single.close()
             self._single = None
         self.backend.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise BackendError(f"{self.backend.describe()}: the classifier is closed")
 
     def __enter__(self):
         return self

@@ -287,4 +287,20 @@ def test_openvino_latency_engine_for_one_input_gives_the_same_outputs(default_pa
     for src, r in singles.items():
         assert r.label == batch[src].label and r.warnings == batch[src].warnings
         np.testing.assert_allclose(list(r.probabilities.values()), list(batch[src].probabilities.values()), atol=1e-5)
+    assert "<" not in b.describe() and "inference precision f32" in b.describe()
     clf.close()
+    # closed: both compiled models are released, and every path says so instead of quietly reopening
+    for call in (lambda: clf.predict_one(images[0]), lambda: clf.predict(images[:1]),
+                 lambda: b.infer(x[:1]), lambda: b.infer_one_async(x[:1])):
+        with pytest.raises(BackendError, match="closed"):
+            call()
+
+
+def test_predict_one_refuses_a_bad_explain_like_predict(clfs, pkg):
+    """A class name that is not one of the package's is the caller's error in both paths (ValueError),
+    not an inference failure of the input."""
+    clf = classifier(clfs, pkg, "onnxruntime", "fp32")
+    with pytest.raises(ValueError, match="bogus"):
+        clf.predict([sample_images()[0]], explain="bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        clf.predict_one(sample_images()[0], explain="bogus")

@@ -99,7 +99,7 @@ class OpenVINOBackend(Backend):
             import openvino.properties as props
             self._config[props.cache_dir] = os.fspath(cache_dir)
         self._engine = _Engine(self, self._config)
-        self.effective_precision = str(self._engine.compiled.get_property(hints.inference_precision)).lower()
+        self.effective_precision = self._engine.compiled.get_property(hints.inference_precision).get_type_name()
         self.output_names = list(self._engine.outputs)
         self._latency_engine = None if self._throughput else self._engine
         self._latency_lock = threading.Lock()
@@ -117,7 +117,7 @@ class OpenVINOBackend(Backend):
 
         The handle's .result() waits and returns what `infer` returns, then frees the request.
         """
-        return self._engine.start(batch, features)
+        return self._live(self._engine).start(batch, features)
 
     def infer_one_async(self, batch, features=False):
         """One input, lowest latency: the same artifact and inference precision compiled a second time
@@ -128,9 +128,19 @@ class OpenVINOBackend(Backend):
             import openvino.properties.hint as hints
             with self._latency_lock:
                 if self._latency_engine is None:
-                    self._latency_engine = _Engine(self, {**self._config,
+                    self._latency_engine = _Engine(self, {**self._live(self._config),
                                                           hints.performance_mode: hints.PerformanceMode.LATENCY})
-        return self._latency_engine.start(batch, features)
+        return self._live(self._latency_engine).start(batch, features)
+
+    def close(self):
+        """Release both compiled models and their infer requests; inference afterwards raises BackendError."""
+        with self._latency_lock:
+            self._engine = self._latency_engine = self._config = None
+
+    def _live(self, part):
+        if part is None:
+            raise BackendError(f"{self.describe()}: the backend is closed")
+        return part
 
 
 class _Engine:
