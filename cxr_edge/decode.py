@@ -88,7 +88,8 @@ def decode(item, min_side: int | None = None, bits_stored: int | None = None, th
 
     `min_side` lets JPEG draft mode shrink big files to >= that size; `bits_stored` scales uint16
     arrays; `threads` > 1 splits a 16-bit file's lookup table pass over that many threads (one large
-    image, e.g. `Classifier.predict_one`; same values). Raises DecodeError (message: the input's name, then the cause) for every bad input,
+    image, e.g. `Classifier.predict_one`; same values). Raises DecodeError (message: the input's
+    name, then the cause) for every bad input,
     whatever the decoder library raised; never returns NaN or infinity. Library warnings raised
     while decoding (Pillow, pydicom, the JPEG plugins, numpy) and header contradictions found here
     are not printed: they are returned in `meta["warnings"]` (list of str, each naming the input).

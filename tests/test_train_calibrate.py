@@ -228,6 +228,8 @@ def test_fit_precision_refuses_fp32_and_a_package_without_guard(tmp_path):
     from cxr_edge.package import DEFAULT_PACKAGE
     with pytest.raises(ValueError, match="fp32 features have the package's own guard"):
         cal.fit_precision(DEFAULT_PACKAGE, tmp_path / "split.json", tmp_path, "fp32")
+    with pytest.raises(ValueError, match="not a reduced run precision"):   # it would name the parameter file
+        cal.fit_precision(DEFAULT_PACKAGE, tmp_path / "split.json", tmp_path, "../int8")
     pkg_dir = tmp_path / "pkg"
     shutil.copytree(DEFAULT_PACKAGE, pkg_dir)
     meta = json.loads((pkg_dir / "model.json").read_text())

@@ -448,7 +448,7 @@ def fit_precision(package_dir, split_json, data_dir, precision: str = "int8", ba
     features (a check that runtime and `collect` agree). Returns the by_precision entry.
 
     Raises:
-        ValueError: `precision` is fp32, the package has no fp32 Mahalanobis guard, or `data_dir` has
+        ValueError: `precision` is fp32 or not a run precision of formats.RUNS, the package has no fp32 Mahalanobis guard, or `data_dir` has
             no manifest.csv.
         PackageError: the package does not read (checksums).
     """
@@ -456,9 +456,14 @@ def fit_precision(package_dir, split_json, data_dir, precision: str = "int8", ba
     from cxr_edge.guard import read_guard_parameters
     from cxr_edge.package import ModelPackage
 
+    from cxr_edge.formats import RUN_PRECISIONS
+
     from .experiment import read_split
     if precision == "fp32":
         raise ValueError("fp32 features have the package's own guard (input_guard.mahalanobis: calibrate fit, apply)")
+    known = sorted({p for runs in RUN_PRECISIONS.values() for p in runs} - {"fp32"})
+    if precision not in known:   # it names the parameter file: only a precision some backend runs
+        raise ValueError(f"precision {precision!r} is not a reduced run precision ({', '.join(known)})")
     pkg = ModelPackage.read(package_dir)
     guard = dict(pkg.input_guard or {})
     fp32_params = read_guard_parameters(pkg)
@@ -593,7 +598,7 @@ def card_lines(pkg) -> list[str]:
                          f"{100 * r['specificity']:.1f} | {100 * r['accuracy']:.1f} | {dcn} |")
     if guard:
         r = guard.get("rates", {})
-        pct = lambda key: f"{100 * r.get(key, 0):.1f} %"   # noqa: E731
+        pct = lambda key, rates=r: f"{100 * rates.get(key, 0):.1f} %"   # noqa: E731
         kinds = ", ".join(f"{k} {100 * v:.0f} %" for k, v in r.get("miss_synthetic_by_kind", {}).items())
         L += ["", "## Input guard", ""]
         if guard.get("mahalanobis"):
@@ -614,14 +619,13 @@ def card_lines(pkg) -> list[str]:
                   "DICOM ViewPosition check is what catches them when the header has it."]
             for prec, e in (guard.get("by_precision") or {}).items():
                 q, was = e.get("rates", {}), e.get("rates_under_fp32_guard", {})
-                pc = lambda rr, key: f"{100 * rr.get(key, 0):.1f} %"   # noqa: E731
                 L += ["", f"Run at {prec}, the features move, so that precision has its own guard "
                       f"({e.get('mahalanobis', {}).get('file')}, threshold {e.get('warn_below')}: {e.get('calibrated_on')}; "
                       f"features from {e.get('backend')}). Measured: false alarms on frontal radiographs: validation "
-                      f"{pc(q, 'false_alarm_val_frontal')} (out of fold), test {pc(q, 'false_alarm_test_frontal')}; missed "
-                      f"lateral views {pc(q, 'miss_lateral')}; missed generated non-radiographs {pc(q, 'miss_synthetic')}. "
-                      f"The fp32 guard on the same {prec} features: test false alarms {pc(was, 'false_alarm_test_frontal')}, "
-                      f"missed generated non-radiographs {pc(was, 'miss_synthetic')}."]
+                      f"{pct('false_alarm_val_frontal', q)} (out of fold), test {pct('false_alarm_test_frontal', q)}; missed "
+                      f"lateral views {pct('miss_lateral', q)}; missed generated non-radiographs {pct('miss_synthetic', q)}. "
+                      f"The fp32 guard on the same {prec} features: test false alarms {pct('false_alarm_test_frontal', was)}, "
+                      f"missed generated non-radiographs {pct('miss_synthetic', was)}."]
         else:
             L += [f"A result carries a warning when the DICOM header says the body part is not the chest or the view is "
                   f"lateral/oblique, or when the out-of-distribution score {guard.get('score')} is below "

@@ -85,10 +85,10 @@ class OpenVINOBackend(Backend):
         if hint not in self.supported_hints():
             raise BackendError(f"openvino: this CPU has no {precision} support "
                                f"(OPTIMIZATION_CAPABILITIES lacks {hint.upper()})")
-        self._throughput = bool(self.options.get("throughput", True))
+        throughput = bool(self.options.get("throughput", True))
         self._config = {
             hints.inference_precision: {"f32": ov.Type.f32, "bf16": ov.Type.bf16, "f16": ov.Type.f16}[hint],
-            hints.performance_mode: hints.PerformanceMode.THROUGHPUT if self._throughput
+            hints.performance_mode: hints.PerformanceMode.THROUGHPUT if throughput
             else hints.PerformanceMode.LATENCY,
         }
         if threads:
@@ -101,7 +101,7 @@ class OpenVINOBackend(Backend):
         self._engine = _Engine(self, self._config)
         self.effective_precision = self._engine.compiled.get_property(hints.inference_precision).get_type_name()
         self.output_names = list(self._engine.outputs)
-        self._latency_engine = None if self._throughput else self._engine
+        self._latency_engine = None if throughput else self._engine
         self._latency_lock = threading.Lock()
 
     def describe(self):
@@ -152,7 +152,8 @@ class _Engine:
         try:
             self.compiled = core.compile_model(core.read_model(os.fspath(backend.artifact_path)), "CPU", config)
         except Exception as e:
-            raise BackendError(f"openvino could not compile {backend.artifact.file} at {backend.precision}: {e}") from None
+            raise BackendError(f"openvino could not compile {backend.artifact.file} at {backend.precision}: "
+                               f"{e}") from None
         self.outputs = {o.get_any_name(): o for o in self.compiled.outputs}
         self._free = queue.Queue()
         for _ in range(max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
